@@ -1,0 +1,116 @@
+"""Drive a sans-I/O `TrunkSession` over a trio stream (TLS over TCP in production).
+
+This module owns the only I/O of a trunk connection: reading bytes into the session, writing out
+what it queues, calling its timer, and one lock-protected send path that turns every transport
+failure into `ConnectionLost` (trio-websocket's `_send`). It does not decide anything: logins,
+directories and offices belong to the hosts.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+import trio
+
+from shared.wire.frame import ErrorCode
+from shared.wire.messages import Message
+from shared.wire.session import Closed, Event, State, TrunkSession
+
+RECEIVE_SIZE = 65536
+TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError)
+
+
+class ConnectionLost(Exception):
+    """The trunk's transport failed; the message says how."""
+
+
+class TrunkConnection:
+    """A session and its stream. One task calls `next_event()`; any task may `send()`."""
+
+    def __init__(self, stream: trio.abc.Stream, session: TrunkSession) -> None:
+        self.stream = stream
+        self.session = session
+        self._send_lock = trio.Lock()
+        self._closed_event_seen = False
+
+    async def send(self, msg: Message, *, channel: int = 0) -> None:
+        if self.session.state is not State.ESTABLISHED:
+            raise ConnectionLost("trunk session is not established")
+        self.session.send(msg, channel=channel)
+        await self.flush()
+
+    async def flush(self) -> None:
+        async with self._send_lock:
+            data = self.session.data_to_send()
+            if not data:
+                return
+            # A peer that stops reading must not block us forever: the dead-peer time bounds it.
+            with trio.move_on_after(max(self.session.dead_after, 1.0)) as scope:
+                try:
+                    await self.stream.send_all(data)
+                except TRANSPORT_ERRORS as exc:
+                    raise ConnectionLost(f"send failed: {_describe(exc)}") from None
+            if scope.cancelled_caught:
+                raise ConnectionLost("send timed out: the peer is not reading")
+
+    async def next_event(self) -> Event:
+        """The next session event; a `Closed` event is the last one."""
+        session = self.session
+        while True:
+            event = session.next_event()
+            if event is not None:
+                await self._flush_quietly()
+                if isinstance(event, Closed):
+                    self._closed_event_seen = True
+                return event
+            await self._flush_quietly()
+            if session.state is State.CLOSED:
+                return Closed(ErrorCode.NORMAL, "session closed", by_peer=False)
+            timer = session.get_timer()
+            deadline = _to_trio_deadline(timer)
+            with trio.move_on_at(deadline):
+                try:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                except TRANSPORT_ERRORS as exc:
+                    return self._lost(f"receive failed: {_describe(exc)}")
+                session.receive_data(bytes(data), trio.current_time())
+                continue
+            session.handle_timer(trio.current_time())
+
+    def _lost(self, reason: str) -> Closed:
+        self.session.state = State.CLOSED
+        self._closed_event_seen = True
+        return Closed(ErrorCode.NORMAL, reason, by_peer=True)
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self.flush()
+        except ConnectionLost:
+            if self.session.state is not State.CLOSED:
+                self.session.receive_data(b"", trio.current_time())
+
+    async def aclose(self, code: int = ErrorCode.SHUTDOWN, reason: str = "shutting down") -> None:
+        """Say goodbye if we still can, then close the stream. Never raises."""
+        self.session.close(code, reason)
+        with trio.move_on_after(1.0):
+            try:
+                await self.flush()
+            except ConnectionLost:
+                pass
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            try:
+                await self.stream.aclose()
+            except TRANSPORT_ERRORS:
+                pass
+
+
+def _to_trio_deadline(timer: float | None) -> float:
+    return float("inf") if timer is None else timer
+
+
+def _describe(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc.__context__
+    text = str(exc) or type(exc).__name__
+    if cause is not None and str(cause):
+        text = f"{text} ({cause})"
+    return text

@@ -1,0 +1,369 @@
+"""Trunk messages: a registry of frozen dataclasses keyed by type code, and their msgpack codec.
+
+This module owns what each type code means and how a message body is encoded and checked. A
+message body is a msgpack map from field name to value. Decoding is strict about what it needs and
+lenient about what it does not know, so that a main host and its remote hosts can be upgraded at
+different times:
+
+- an unknown type code decodes to `UnknownMessage` (kept, not fatal: hyperframe's ExtensionFrame);
+- unknown fields in a known message are ignored; a missing field takes its default;
+- a field of the wrong type, a missing required field, nesting deeper than `MAX_DEPTH` or a body
+  that is not msgpack raise `WireError(BAD_MESSAGE)`.
+
+It does not know connection state: which message may come when is `session.py`'s business.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+
+from shared.wire.frame import ErrorCode, Frame, WireError, encode_frame
+
+PROTOCOL_VERSION = 1
+MIN_PROTOCOL_VERSION = 1
+MAX_DEPTH = 8
+
+
+class Message:
+    """Base of every registered message; subclasses are frozen dataclasses with a TYPE code."""
+
+    __slots__ = ()
+    TYPE: ClassVar[int]
+    _checkers: ClassVar[tuple[tuple[str, Callable[[Any, str], Any], Any], ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownMessage:
+    """A frame whose type this version does not know: kept so it can be logged, then ignored."""
+
+    type: int
+    channel: int
+    body: bytes
+
+
+MESSAGES: dict[int, type[Message]] = {}
+RECORDS: set[type[Any]] = set()
+
+M = TypeVar("M", bound=type[Message])
+R = TypeVar("R", bound=type[Any])
+
+
+def _bad(where: str, what: str) -> WireError:
+    return WireError(ErrorCode.BAD_MESSAGE, f"{where}: {what}")
+
+
+def _checker(hint: Any) -> Callable[[Any, str], Any]:
+    """Build a function that checks (and, for records, converts) one decoded value."""
+    if hint is Any:
+        return lambda v, where: v
+    if hint is bool:
+
+        def check_bool(v: Any, where: str) -> Any:
+            if not isinstance(v, bool):
+                raise _bad(where, f"expected a boolean, got {type(v).__name__}")
+            return v
+
+        return check_bool
+    if hint is int:
+
+        def check_int(v: Any, where: str) -> Any:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise _bad(where, f"expected an integer, got {type(v).__name__}")
+            return v
+
+        return check_int
+    if hint is float:
+
+        def check_float(v: Any, where: str) -> Any:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise _bad(where, f"expected a number, got {type(v).__name__}")
+            return float(v)
+
+        return check_float
+    if hint in (str, bytes):
+
+        def check_scalar(v: Any, where: str) -> Any:
+            if not isinstance(v, hint):
+                raise _bad(where, f"expected {hint.__name__}, got {type(v).__name__}")
+            return v
+
+        return check_scalar
+    if hint in RECORDS:
+        return _record_checker(hint)
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        check_inner = _checker(inner)
+        return lambda v, where: None if v is None else check_inner(v, where)
+    if origin is list:
+        check_item = _checker(args[0])
+
+        def check_list(v: Any, where: str) -> Any:
+            if not isinstance(v, list):
+                raise _bad(where, f"expected a list, got {type(v).__name__}")
+            return [check_item(item, f"{where}[{i}]") for i, item in enumerate(v)]
+
+        return check_list
+    if origin is dict:
+        check_value = _checker(args[1])
+
+        def check_dict(v: Any, where: str) -> Any:
+            if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+                raise _bad(where, "expected a map with string keys")
+            return {k: check_value(item, f"{where}.{k}") for k, item in v.items()}
+
+        return check_dict
+    raise TypeError(f"no wire checker for type {hint!r}")
+
+
+def _compile(cls: type[Any]) -> tuple[tuple[str, Callable[[Any, str], Any], Any], ...]:
+    hints = typing.get_type_hints(cls)
+    compiled = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory
+        else:
+            default = dataclasses.MISSING
+        compiled.append((f.name, _checker(hints[f.name]), default))
+    return tuple(compiled)
+
+
+def _build(cls: type[Any], body: Any, where: str) -> Any:
+    if not isinstance(body, dict):
+        raise _bad(where, "body is not a map")
+    values = {}
+    for name, check, default in cls._checkers:
+        if name in body:
+            values[name] = check(body[name], f"{where}.{name}")
+        elif default is dataclasses.MISSING:
+            raise _bad(where, f"required field '{name}' is missing")
+        elif callable(default):
+            values[name] = default()
+    return cls(**values)
+
+
+def _record_checker(cls: type[Any]) -> Callable[[Any, str], Any]:
+    return lambda v, where: _build(cls, v, where)
+
+
+def record(cls: R) -> R:
+    """Register a frozen dataclass used as a nested value inside messages."""
+    cls._checkers = _compile(cls)
+    RECORDS.add(cls)
+    return cls
+
+
+def message(code: int) -> Callable[[M], M]:
+    """Register a message class under a type code (codes are forever: never reuse one)."""
+
+    def register(cls: M) -> M:
+        if code in MESSAGES:
+            raise ValueError(f"type code {code} already used by {MESSAGES[code].__name__}")
+        cls.TYPE = code
+        cls._checkers = _compile(cls)
+        MESSAGES[code] = cls
+        return cls
+
+    return register
+
+
+def _plain(value: Any) -> Any:
+    if type(value) in RECORDS:
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def encode_body(msg: Message) -> bytes:
+    plain = {f.name: _plain(getattr(msg, f.name)) for f in dataclasses.fields(msg)}  # type: ignore[arg-type]
+    packed: bytes = msgpack.packb(plain, use_bin_type=True)
+    return packed
+
+
+def encode_message(msg: Message, *, channel: int = 0) -> bytes:
+    return encode_frame(msg.TYPE, encode_body(msg), channel=channel)
+
+
+def _depth_ok(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in item)
+    return True
+
+
+def decode_message_untrusted(frame: Frame) -> Message | UnknownMessage:
+    """Decode a frame's body into its registered message; raise only WireError."""
+    cls = MESSAGES.get(frame.type)
+    if cls is None:
+        return UnknownMessage(frame.type, frame.channel, frame.body)
+    try:
+        body = msgpack.unpackb(
+            frame.body,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_buffer_size=len(frame.body) + 1,
+        )
+    except Exception as exc:  # msgpack raises many kinds: all of them are the peer's fault
+        raise _bad(cls.__name__, f"body is not valid msgpack ({type(exc).__name__})") from None
+    if not _depth_ok(body, MAX_DEPTH):
+        raise _bad(cls.__name__, f"nesting deeper than {MAX_DEPTH}")
+    result: Message = _build(cls, body, cls.__name__)
+    return result
+
+
+# --- The catalogue ---------------------------------------------------------------------------
+# Control channel (0). Type codes 1-99 are the trunk's own; 100-199 directory and office state;
+# 200-299 are reserved for call signalling on per-call channels (a later protocol version).
+
+
+@message(1)
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """Remote host -> main host, first frame: which protocol versions it speaks."""
+
+    version: int
+    min_version: int
+    software: str
+
+
+@message(2)
+@dataclass(frozen=True, slots=True)
+class Challenge(Message):
+    """Main host -> remote host: the chosen version, a fresh nonce, and the CA certificate."""
+
+    version: int
+    nonce: bytes
+    software: str
+    ca_cert: bytes = b""
+
+
+@message(3)
+@dataclass(frozen=True, slots=True)
+class Login(Message):
+    """Remote host -> main host: proof of the office secret (HMAC, the secret is never sent)."""
+
+    office: str
+    client_nonce: bytes
+    proof: bytes
+    directory_version: int = 0
+    boot_id: str = ""
+
+
+@message(4)
+@dataclass(frozen=True, slots=True)
+class LoginOk(Message):
+    """Main host -> remote host: logged in; the public address the main host sees."""
+
+    session: str
+    server_proof: bytes
+    public_ip: str
+    public_port: int
+    heartbeat_interval: float
+    dead_after: float
+
+
+@message(5)
+@dataclass(frozen=True, slots=True)
+class LoginRefused(Message):
+    reason: str
+    retry_after: float = 0.0
+
+
+@message(6)
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    seq: int
+
+
+@message(7)
+@dataclass(frozen=True, slots=True)
+class Close(Message):
+    """Either side, last frame: why the connection ends (an ErrorCode and a sentence)."""
+
+    code: int
+    reason: str
+
+
+@record
+@dataclass(frozen=True, slots=True)
+class LanInterface:
+    name: str
+    addresses: list[str] = field(default_factory=list)
+
+
+@message(100)
+@dataclass(frozen=True, slots=True)
+class OfficeReport(Message):
+    """Remote host -> main host: what the office knows about its own network."""
+
+    lan: list[LanInterface] = field(default_factory=list)
+    nat_type: str = "unknown"
+    stun_ip: str | None = None
+    stun_port: int | None = None
+    address_changed_from: str | None = None
+    software: str = ""
+
+
+@record
+@dataclass(frozen=True, slots=True)
+class DirectoryEntry:
+    """One extension as the remote host mirrors it: digest hashes, never the password."""
+
+    ext: str
+    ha1_md5: str
+    ha1_sha256: str
+    name: str = ""
+
+
+@message(101)
+@dataclass(frozen=True, slots=True)
+class DirectorySnapshot(Message):
+    """Main host -> remote host: the office's whole directory at `version`."""
+
+    office: str
+    realm: str
+    version: int
+    ext_first: int
+    ext_last: int
+    entries: list[DirectoryEntry] = field(default_factory=list)
+
+
+@message(102)
+@dataclass(frozen=True, slots=True)
+class DirectoryDelta(Message):
+    """Main host -> remote host: the changes from `base_version` to `version`."""
+
+    base_version: int
+    version: int
+    put: list[DirectoryEntry] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+
+
+@message(103)
+@dataclass(frozen=True, slots=True)
+class DirectoryAck(Message):
+    """Remote host -> main host: the mirror on disk is now at `version`."""
+
+    version: int
