@@ -223,7 +223,7 @@ def decode_message_untrusted(frame: Frame) -> Message | UnknownMessage:
             raw=False,
             strict_map_key=True,
             use_list=True,
-            max_buffer_size=len(frame.body) + 1,
+            # unpackb() derives its max_*_len limits from len(frame.body) by itself.
         )
     except Exception as exc:  # msgpack raises many kinds: all of them are the peer's fault
         raise _bad(cls.__name__, f"body is not valid msgpack ({type(exc).__name__})") from None
