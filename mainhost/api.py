@@ -1,0 +1,63 @@
+"""The main host's HTTP API (FastAPI on hypercorn's trio worker).
+
+Every `/api/` route needs the admin key (`DATA/admin.key`) as a bearer token. This module owns
+routes and authentication only; what a route returns comes from the running `MainHost`.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING, Any
+
+import trio
+from fastapi import Depends, FastAPI, HTTPException, Request
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from mainhost.config import ADMIN_KEY
+
+if TYPE_CHECKING:
+    from mainhost.service import MainHost
+
+
+def build_app(host: MainHost) -> FastAPI:
+    admin_key = (host.data / ADMIN_KEY).read_text().strip()
+    app = FastAPI(title="branchpbx main host", version="0.1")
+
+    def require_admin(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), admin_key):
+            raise HTTPException(
+                status_code=401,
+                detail="missing or wrong admin key (Authorization: Bearer <DATA/admin.key>)",
+            )
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/api/status", dependencies=[Depends(require_admin)])
+    async def status() -> dict[str, Any]:
+        return await trio.to_thread.run_sync(host.status)
+
+    @app.get("/api/offices/{name}/log", dependencies=[Depends(require_admin)])
+    async def office_log(name: str) -> list[dict[str, Any]]:
+        return await trio.to_thread.run_sync(host.store.office_log, name)
+
+    return app
+
+
+async def serve_api(
+    host: MainHost,
+    listen: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    config = HypercornConfig()
+    config.bind = [f"{listen}:{port}"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 1.0
+    await serve(build_app(host), config, task_status=task_status)  # type: ignore[arg-type]

@@ -1,0 +1,342 @@
+"""The `mainhost` command: init, office and phone management, serve, status.
+
+The commands and their output are a contract: scripts and tests rely on them (the join token is
+the last line of `office add`, `status --json` has a stable shape).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+from rich.console import Console
+from rich.table import Table
+
+from mainhost import pki
+from mainhost.config import (
+    ADMIN_KEY,
+    CONFIG_NAME,
+    ApiConfig,
+    MainHostConfig,
+    StunConfig,
+    TrunkConfig,
+)
+from mainhost.config import load as load_config
+from mainhost.service import MainHost, StartupError, check_data_dir, data_status_offline
+from mainhost.store import DB_NAME, MainStore, StoreError
+from shared import config as cfg
+from shared.aio import control
+from shared.cli import (
+    OPERATOR_ERRORS,
+    CliError,
+    add_data_argument,
+    ago,
+    make_private_dir,
+    run_main,
+    setup_logging,
+    unwrap_group,
+    when,
+    write_private,
+)
+from shared.token import JoinToken
+
+DEFAULT_DATA = "/var/lib/branchpbx/mainhost"
+DATA_ENV = "BRANCHPBX_MAINHOST_DATA"
+ERRORS = (StartupError, StoreError)
+log = logging.getLogger("mainhost")
+
+
+def guess_public_address() -> str:
+    import netifaces
+
+    for name in netifaces.interfaces():
+        for entry in netifaces.ifaddresses(name).get(netifaces.AF_INET, []):
+            address = entry.get("addr", "")
+            if address and not address.startswith("127."):
+                return str(address)
+    raise CliError("cannot guess this machine's public address: give --public-address HOST")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    data: Path = args.data
+    if (data / CONFIG_NAME).exists():
+        raise CliError(f"{data} holds a main host already ({data / CONFIG_NAME}); not overwriting")
+    address = args.public_address or guess_public_address()
+    try:
+        config = MainHostConfig(
+            public_address=address,
+            trunk=TrunkConfig(listen=args.listen, port=args.trunk_port),
+            stun=StunConfig(
+                listen=args.listen,
+                port=args.stun_port,
+                alternate_port=args.stun_alternate_port,
+                alternate_address=args.stun_alternate_address or "",
+            ),
+            api=ApiConfig(port=args.api_port),
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    make_private_dir(data)
+    for name in (pki.CA_KEY, pki.TRUNK_KEY, ADMIN_KEY, DB_NAME):
+        if (data / name).exists():
+            raise CliError(f"{data / name} exists already; not overwriting")
+    fingerprint = pki.create(data, address)
+    write_private(data / ADMIN_KEY, (secrets.token_urlsafe(32) + "\n").encode())
+    MainStore(data / DB_NAME).close()
+    (data / CONFIG_NAME).write_text(
+        "# branchpbx main host settings. Changes take effect at the next `mainhost serve`.\n"
+        + cfg.dump(config)
+    )
+    print(f"main host initialised in {data}")
+    print(
+        f"  public address   {address} (trunk {config.trunk.port}/tcp, STUN {config.stun.port}/udp)"
+    )
+    print(f"  CA fingerprint   sha256:{fingerprint.hex()}")
+    print(f"  admin key        {data / ADMIN_KEY}")
+    print("next: `mainhost office add NAME --extensions 2000-2099`, then `mainhost serve`")
+    return 0
+
+
+def _store(data: Path) -> MainStore:
+    if not (data / CONFIG_NAME).exists():
+        raise CliError(f"no main host in {data} (run `mainhost init` first, or give --data)")
+    return MainStore(data / DB_NAME)
+
+
+def _token(data: Path, config: MainHostConfig, office: str, secret: bytes) -> str:
+    if config.trunk.port == 0:
+        raise CliError(f"{data / CONFIG_NAME}: trunk.port is 0; a join token needs a fixed port")
+    fingerprint = pki.fingerprint(pki.ca_der(data))
+    return JoinToken(config.public_address, config.trunk.port, office, secret, fingerprint).encode()
+
+
+def cmd_office_add(args: argparse.Namespace) -> int:
+    config = load_config(args.data)
+    store = _store(args.data)
+    try:
+        secret = store.add_office(args.name, args.extensions, args.wan_kbps)
+    finally:
+        store.close()
+    print(
+        f"office {args.name} added: extensions {args.extensions}, WAN voice budget"
+        f" {args.wan_kbps} kbit/s"
+    )
+    print("on the office's remote host run: remotehost join TOKEN, with this token:")
+    print(_token(args.data, config, args.name, secret))
+    return 0
+
+
+def cmd_office_token(args: argparse.Namespace) -> int:
+    config = load_config(args.data)
+    store = _store(args.data)
+    try:
+        secret = store.office_secret(args.name)
+    finally:
+        store.close()
+    if secret is None:
+        raise CliError(f"no office named {args.name!r}")
+    print(_token(args.data, config, args.name, secret))
+    return 0
+
+
+def cmd_phone_add(args: argparse.Namespace) -> int:
+    config = load_config(args.data)
+    password = args.password or secrets.token_urlsafe(12)
+    store = _store(args.data)
+    try:
+        office = store.add_phone(args.ext, password, config.sip.realm, args.name or "")
+    finally:
+        store.close()
+    print(f"phone {args.ext} added to office {office}; SIP credentials:")
+    print(f"  username  {args.ext}")
+    print(f"  password  {password}")
+    print(f"  realm     {config.sip.realm}")
+    print(f"  server    the remote host of office {office} (SIP port 5060)")
+    return 0
+
+
+def cmd_phone_remove(args: argparse.Namespace) -> int:
+    store = _store(args.data)
+    try:
+        office = store.remove_phone(args.ext)
+    finally:
+        store.close()
+    print(f"phone {args.ext} removed from office {office}")
+    return 0
+
+
+def cmd_phone_list(args: argparse.Namespace) -> int:
+    store = _store(args.data)
+    try:
+        phones = store.phones(args.office)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(phones, indent=2))
+        return 0
+    table = Table("extension", "office", "name")
+    for phone in phones:
+        table.add_row(phone["ext"], phone["office"], phone["name"])
+    Console().print(table)
+    return 0
+
+
+def read_status(data: Path) -> dict[str, Any]:
+    if not (data / CONFIG_NAME).exists():
+        raise CliError(f"no main host in {data} (run `mainhost init` first, or give --data)")
+    try:
+        result: dict[str, Any] = control.call(data, "status")
+        return result
+    except control.ControlError:
+        return data_status_offline(data)
+
+
+def render_status(status: dict[str, Any]) -> Table:
+    now = time.time()
+    title = "main host " + (
+        f"running, {status.get('public_address')}" if status["running"] else "NOT running"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in (
+        "office",
+        "online",
+        "public address",
+        "NAT type",
+        "last seen",
+        "extensions",
+        "phones",
+        "LAN",
+    ):
+        table.add_column(column)
+    for office in status["offices"]:
+        address = office["public_address"] or "-"
+        if office["public_address"] and office.get("public_port"):
+            address = f"{address}:{office['public_port']}"
+        lan = ", ".join(f"{i['name']} {' '.join(i['addresses'])}" for i in office.get("lan") or [])
+        table.add_row(
+            office["name"],
+            "[green]online[/]" if office["online"] else "[red]offline[/]",
+            address,
+            office["nat_type"],
+            ago(office["last_seen"], now),
+            office["extensions"],
+            str(office["phones"]),
+            lan or "-",
+        )
+    return table
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = read_status(args.data)
+    if args.json:
+        out = dict(status)
+        out["offices"] = [{**o, "last_seen_iso": when(o["last_seen"])} for o in status["offices"]]
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    Console().print(render_status(status))
+    return 0
+
+
+async def _serve(data: Path, config: MainHostConfig) -> None:
+    host = MainHost(data, config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.serve)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    setup_logging(args.verbose)
+    check_data_dir(args.data)
+    config = load_config(args.data)
+    try:
+        trio.run(_serve, args.data, config)
+    except BaseExceptionGroup as group:
+        unwrap_group(group, (*OPERATOR_ERRORS, *ERRORS))
+        raise
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mainhost", description="branchpbx main host")
+    common = argparse.ArgumentParser(add_help=False)
+    add_data_argument(common, DATA_ENV, DEFAULT_DATA)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", parents=[common], help="create the data directory, CA and config")
+    p.add_argument("--public-address", metavar="HOST", help="address remote hosts dial")
+    p.add_argument("--listen", default="0.0.0.0", help="address to listen on (default all)")
+    p.add_argument("--trunk-port", type=int, default=5090, metavar="PORT")
+    p.add_argument("--stun-port", type=int, default=3478, metavar="PORT")
+    p.add_argument("--stun-alternate-port", type=int, default=3479, metavar="PORT")
+    p.add_argument(
+        "--stun-alternate-address",
+        metavar="IP",
+        help="a second IP of this machine, for RFC 3489 NAT type detection",
+    )
+    p.add_argument("--api-port", type=int, default=8080, metavar="PORT")
+    p.set_defaults(func=cmd_init)
+
+    office = sub.add_parser("office", help="manage offices").add_subparsers(
+        dest="office_command", required=True, metavar="COMMAND"
+    )
+    p = office.add_parser("add", parents=[common], help="add an office; prints its join token")
+    p.add_argument("name")
+    p.add_argument("--extensions", required=True, metavar="FIRST-LAST")
+    p.add_argument(
+        "--wan-kbps",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="WAN voice budget in kbit/s (default 2000)",
+    )
+    p.set_defaults(func=cmd_office_add)
+    p = office.add_parser("token", parents=[common], help="print an office's join token again")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_office_token)
+
+    phone = sub.add_parser("phone", help="manage phones").add_subparsers(
+        dest="phone_command", required=True, metavar="COMMAND"
+    )
+    p = phone.add_parser("add", parents=[common], help="add a phone; prints its credentials")
+    p.add_argument("ext")
+    p.add_argument("--password", help="SIP password (default: a random one)")
+    p.add_argument("--name", help="display name")
+    p.set_defaults(func=cmd_phone_add)
+    p = phone.add_parser("remove", parents=[common], help="remove a phone")
+    p.add_argument("ext")
+    p.set_defaults(func=cmd_phone_remove)
+    p = phone.add_parser("list", parents=[common], help="list phones")
+    p.add_argument("--office")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_phone_list)
+
+    p = sub.add_parser("serve", parents=[common], help="run the main host")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", parents=[common], help="offices, addresses, NAT types")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run_main("mainhost", _main, argv, ERRORS))

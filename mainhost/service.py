@@ -1,0 +1,190 @@
+"""`mainhost serve`: binds every port, then runs the trunk, STUN, control socket and web API.
+
+This module owns start-up and shutdown order and the one status snapshot that the control socket,
+the API and `mainhost status` all show. Ports are bound before anything starts, so a port in use
+is reported as one clear line naming it, and nothing half-starts.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from mainhost import pki
+from mainhost.config import MainHostConfig
+from mainhost.store import DB_NAME, MainStore, Office
+from mainhost.trunk import SOFTWARE, OfficeLive, TrunkServer, server_ssl_context
+from shared.aio.control import serve_control
+
+log = logging.getLogger("mainhost")
+
+
+class StartupError(Exception):
+    """The service cannot start; the message names the port, file or directory."""
+
+
+def bind_error(what: str, host: str, port: int, proto: str, exc: OSError) -> StartupError:
+    if exc.errno == errno.EADDRINUSE:
+        why = "is in use by another program"
+    elif exc.errno == errno.EACCES:
+        why = "needs more privileges (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        why = "is not an address of this machine"
+    else:
+        why = exc.strerror or str(exc)
+    return StartupError(f"{what}: {host} port {port}/{proto} {why}")
+
+
+def check_data_dir(data: Path) -> None:
+    if not data.is_dir():
+        raise StartupError(f"data directory {data} does not exist (run `mainhost init` first)")
+    probe = data / ".write-test"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(f"data directory {data} is not writable: {exc.strerror}") from None
+
+
+class MainHost:
+    """The running main host: its parts and its status."""
+
+    def __init__(self, data: Path, config: MainHostConfig) -> None:
+        self.data = data
+        self.config = config
+        self.store = MainStore(data / DB_NAME)
+        self.started = time.time()
+        self.trunk = TrunkServer(
+            self.store,
+            realm=config.sip.realm,
+            ca_der=pki.ca_der(data),
+            heartbeat_interval=config.trunk.heartbeat_interval,
+            dead_after=config.trunk.dead_after,
+            free_login_failures=config.trunk.login_failures_before_delay,
+        )
+        self.addresses: dict[str, Any] = {}
+        self.stun_service: Any = None
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        offices = [
+            office_entry(office, self.trunk.online.get(office.name), now)
+            for office in self.store.offices()
+        ]
+        return {
+            "running": True,
+            "software": SOFTWARE,
+            "public_address": self.config.public_address,
+            "uptime": now - self.started,
+            "listening": self.addresses,
+            "trunk": asdict(self.trunk.stats),
+            "stun": self.stun_service.statistics() if self.stun_service else None,
+            "offices": offices,
+        }
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        config = self.config
+        try:
+            context = server_ssl_context(
+                str(self.data / pki.TRUNK_CERT), str(self.data / pki.TRUNK_KEY)
+            )
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot load the trunk certificate in {self.data}: {exc}") from None
+        try:
+            trunk_listeners = await trio.open_ssl_over_tcp_listeners(
+                config.trunk.port, context, host=config.trunk.listen
+            )
+        except OSError as exc:
+            raise bind_error("trunk", config.trunk.listen, config.trunk.port, "tcp", exc) from None
+        transport = trunk_listeners[0].transport_listener
+        assert isinstance(transport, trio.SocketListener)
+        trunk_port = transport.socket.getsockname()[1]
+        self.addresses["trunk"] = f"{config.trunk.listen}:{trunk_port}/tcp"
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.trunk.serve, trunk_listeners)
+            if config.stun.enabled:
+                await self._start_stun(nursery)
+            self.addresses["control"] = str(
+                await nursery.start(serve_control, self.data, self._control_handlers())
+            )
+            if config.api.enabled:
+                from mainhost.api import serve_api  # FastAPI is slow to import: only when used
+
+                try:
+                    binds = await nursery.start(serve_api, self, config.api.listen, config.api.port)
+                except OSError as exc:
+                    raise bind_error(
+                        "web API", config.api.listen, config.api.port, "tcp", exc
+                    ) from None
+                self.addresses["api"] = binds
+            log.info("main host serving: %s", self.addresses)
+            task_status.started(dict(self.addresses))
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.trunk.close_all("main host shutting down")
+                self.store.close()
+
+    async def _start_stun(self, nursery: trio.Nursery) -> None:
+        from mainhost.stun import serve_stun
+
+        stun = self.config.stun
+        try:
+            self.stun_service = await nursery.start(
+                lambda task_status: serve_stun(
+                    stun.listen,
+                    stun.port,
+                    alternate_ip=stun.alternate_address or None,
+                    alternate_port=stun.alternate_port,
+                    task_status=task_status,
+                )
+            )
+        except OSError as exc:
+            raise bind_error("STUN", stun.listen, stun.port, "udp", exc) from None
+        addresses = getattr(self.stun_service, "addresses", None)
+        self.addresses["stun"] = [f"{ip}:{port}/udp" for ip, port in addresses or []]
+
+    def _control_handlers(self) -> dict[str, Any]:
+        async def status(request: dict[str, Any]) -> Any:
+            return await trio.to_thread.run_sync(self.status)
+
+        return {"status": status}
+
+
+def office_entry(office: Office, live: OfficeLive | None, now: float) -> dict[str, Any]:
+    """One office as `status` shows it: live state when online, the last known state otherwise."""
+    return {
+        "name": office.name,
+        "online": live is not None,
+        "public_address": live.public_ip if live else office.public_ip,
+        "public_port": live.public_port if live else office.public_port,
+        "nat_type": (live.nat_type if live else office.nat_type) or "unknown",
+        "last_seen": now if live else office.last_seen,
+        "since": live.since if live else None,
+        "extensions": f"{office.ext_first}-{office.ext_last}",
+        "phones": office.phones,
+        "wan_kbps": office.wan_kbps,
+        "lan": live.lan if live else office.lan,
+        "stun_address": f"{office.stun_ip}:{office.stun_port}" if office.stun_ip else None,
+        "directory_version": office.dir_version,
+        "directory_acked": live.dir_acked if live else None,
+    }
+
+
+def data_status_offline(data: Path) -> dict[str, Any]:
+    """Status from the database alone, for when the main host is not running."""
+    store = MainStore(data / DB_NAME)
+    try:
+        offices = [office_entry(o, None, time.time()) for o in store.offices()]
+    finally:
+        store.close()
+    return {"running": False, "software": SOFTWARE, "offices": offices}
