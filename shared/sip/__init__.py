@@ -1,0 +1,58 @@
+"""The SIP message layer: pure, sans-I/O parsing and serializing (RFC 3261, RFC 4475).
+
+Re-exports the names most callers need; the modules say what each owns.
+"""
+
+from shared.sip.errors import SipParseError
+from shared.sip.headers import (
+    Address,
+    CSeq,
+    Via,
+    canonical_name,
+    parse_address_untrusted,
+    parse_via_untrusted,
+)
+from shared.sip.message import (
+    DEFAULT_LIMITS,
+    Headers,
+    SipLimits,
+    SipMessage,
+    SipRequest,
+    SipResponse,
+    error_response,
+    generate_branch,
+    generate_tag,
+    make_response,
+    parse_message_untrusted,
+    validate_request_untrusted,
+    validate_response_untrusted,
+)
+from shared.sip.uri import AbsoluteUri, SipUri, TelUri, Uri, parse_uri_untrusted
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "AbsoluteUri",
+    "Address",
+    "CSeq",
+    "Headers",
+    "SipLimits",
+    "SipMessage",
+    "SipParseError",
+    "SipRequest",
+    "SipResponse",
+    "SipUri",
+    "TelUri",
+    "Uri",
+    "Via",
+    "canonical_name",
+    "error_response",
+    "generate_branch",
+    "generate_tag",
+    "make_response",
+    "parse_address_untrusted",
+    "parse_message_untrusted",
+    "parse_uri_untrusted",
+    "parse_via_untrusted",
+    "validate_request_untrusted",
+    "validate_response_untrusted",
+]
