@@ -368,6 +368,9 @@ class TrunkSession:
     def _established(self, now: float) -> None:
         self.state = State.ESTABLISHED
         self._handshake_deadline = None
+        # The peer cannot speak while it waits for our verdict (the server may be slow to look
+        # up the secret, or throttle guessers): its silence until now is not a dead path.
+        self._last_received = max(self._last_received, now)
         self._next_heartbeat = now + self.heartbeat_interval
 
     def _handle(self, msg: Message | UnknownMessage, channel: int, now: float) -> None:
