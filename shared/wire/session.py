@@ -37,6 +37,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -441,7 +442,9 @@ class TrunkSession:
             self._events.append(LoginRejected("the main host could not prove it knows the secret"))
             self.close(ErrorCode.AUTH_FAILED, "server proof invalid")
             return
-        if msg.heartbeat_interval <= 0 or msg.dead_after <= msg.heartbeat_interval:
+        # Written so that NaN fails it too, and an infinite dead_after (never notice a dead
+        # main host) is refused: either would leave get_timer() meaningless.
+        if not 0 < msg.heartbeat_interval < msg.dead_after < math.inf:
             raise WireError(ErrorCode.PROTOCOL, "nonsense heartbeat settings in LoginOk")
         self.heartbeat_interval = msg.heartbeat_interval
         self.dead_after = msg.dead_after
