@@ -1,0 +1,140 @@
+"""The office's mirror of the main host's directory, on disk (sqlite, WAL, synchronous=FULL).
+
+The remote host starts from this mirror even when the main host is unreachable, so phones can
+register and call inside the office during a WAN outage. A snapshot replaces the mirror in one
+transaction; a delta applies only on top of the version it was made for (anything else asks for a
+snapshot). Synchronous: the service calls it through `trio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.wire.messages import DirectoryDelta, DirectoryEntry, DirectorySnapshot
+
+DB_NAME = "remotehost.db"
+
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS directory (ext TEXT PRIMARY KEY, name TEXT NOT NULL,"
+    " ha1_md5 TEXT NOT NULL, ha1_sha256 TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+
+
+@dataclass(frozen=True)
+class MirrorInfo:
+    version: int
+    realm: str
+    office: str
+    ext_first: int
+    ext_last: int
+    entries: int
+
+
+class DirectoryMirror:
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        for statement in SCHEMA:
+            self._db.execute(statement)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _meta(self, key: str, default: str = "") -> str:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return str(row[0]) if row else default
+
+    def get_meta(self, key: str, default: str = "") -> str:
+        with self._lock:
+            return self._meta(key, default)
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO meta(key, value) VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (key, value),
+            )
+
+    def info(self) -> MirrorInfo:
+        with self._lock:
+            count = self._db.execute("SELECT COUNT(*) FROM directory").fetchone()[0]
+            return MirrorInfo(
+                version=int(self._meta("version", "0")),
+                realm=self._meta("realm"),
+                office=self._meta("office"),
+                ext_first=int(self._meta("ext_first", "0")),
+                ext_last=int(self._meta("ext_last", "0")),
+                entries=count,
+            )
+
+    def lookup(self, ext: str) -> DirectoryEntry | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT ext, ha1_md5, ha1_sha256, name FROM directory WHERE ext=?", (ext,)
+            ).fetchone()
+        return DirectoryEntry(row[0], row[1], row[2], row[3]) if row else None
+
+    def entries(self) -> list[DirectoryEntry]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT ext, ha1_md5, ha1_sha256, name FROM directory ORDER BY ext"
+            ).fetchall()
+        return [DirectoryEntry(*row) for row in rows]
+
+    def apply_snapshot(self, snapshot: DirectorySnapshot) -> None:
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM directory")
+                db.executemany(
+                    "INSERT INTO directory(ext, name, ha1_md5, ha1_sha256) VALUES (?, ?, ?, ?)",
+                    [(e.ext, e.name, e.ha1_md5, e.ha1_sha256) for e in snapshot.entries],
+                )
+                for key, value in (
+                    ("version", snapshot.version),
+                    ("realm", snapshot.realm),
+                    ("office", snapshot.office),
+                    ("ext_first", snapshot.ext_first),
+                    ("ext_last", snapshot.ext_last),
+                ):
+                    db.execute(
+                        "INSERT INTO meta(key, value) VALUES (?, ?)"
+                        " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                        (key, str(value)),
+                    )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def apply_delta(self, delta: DirectoryDelta) -> bool:
+        """Apply a delta; False (and nothing changed) if it was not made for our version."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if int(self._meta("version", "0")) != delta.base_version:
+                    db.execute("ROLLBACK")
+                    return False
+                db.executemany(
+                    "INSERT INTO directory(ext, name, ha1_md5, ha1_sha256) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT(ext) DO UPDATE SET name=excluded.name,"
+                    " ha1_md5=excluded.ha1_md5, ha1_sha256=excluded.ha1_sha256",
+                    [(e.ext, e.name, e.ha1_md5, e.ha1_sha256) for e in delta.put],
+                )
+                db.executemany("DELETE FROM directory WHERE ext=?", [(x,) for x in delta.delete])
+                db.execute("UPDATE meta SET value=? WHERE key='version'", (str(delta.version),))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return True

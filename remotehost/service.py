@@ -1,0 +1,105 @@
+"""`remotehost serve`: the office's services and the one status snapshot they all show.
+
+Owns start-up (the mirror first, so the office works from disk even when the main host is
+unreachable), the uplink to the main host, the public-address watcher and the control socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from remotehost.config import CA_NAME, SECRET_NAME, RemoteHostConfig
+from remotehost.mirror import DB_NAME, DirectoryMirror
+from remotehost.uplink import SOFTWARE, Uplink, client_ssl_context
+from shared.aio.control import serve_control
+from shared.cli import CliError
+
+log = logging.getLogger("remotehost")
+
+
+def read_secret(data: Path) -> bytes:
+    try:
+        secret = (data / SECRET_NAME).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {data / SECRET_NAME}: {exc.strerror} (join again?)") from None
+    if len(secret) < 16:
+        raise CliError(f"{data / SECRET_NAME} is damaged (too short): join again")
+    return secret
+
+
+def read_ca(data: Path) -> str:
+    try:
+        return (data / CA_NAME).read_text()
+    except OSError as exc:
+        raise CliError(f"cannot read {data / CA_NAME}: {exc.strerror} (join again?)") from None
+
+
+class RemoteHost:
+    def __init__(self, data: Path, config: RemoteHostConfig) -> None:
+        self.data = data
+        self.config = config
+        self.mirror = DirectoryMirror(data / DB_NAME)
+        self.started = time.time()
+        self.boot_id = uuid.uuid4().hex
+        try:
+            context = client_ssl_context(read_ca(data))
+        except ValueError as exc:  # ssl refuses a damaged PEM
+            raise CliError(f"{data / CA_NAME} is not a valid certificate: {exc}") from None
+        self.uplink = Uplink(
+            config,
+            secret=read_secret(data),
+            ca_sha256=None,  # the TLS handshake already verified against the pinned CA
+            ssl_context=context,
+            mirror=self.mirror,
+            boot_id=self.boot_id,
+        )
+
+    def status(self) -> dict[str, Any]:
+        info = self.mirror.info()
+        uplink = asdict(self.uplink.state)
+        return {
+            "running": True,
+            "software": SOFTWARE,
+            "office": self.config.office,
+            "main_host": f"{self.config.trunk.main_host}:{self.config.trunk.port}",
+            "uptime": time.time() - self.started,
+            "boot_id": self.boot_id,
+            "trunk": uplink,
+            "online": uplink["state"] == "online",
+            "public_address": uplink["public_ip"],
+            "nat_type": uplink["nat_type"],
+            "lan": uplink["lan"],
+            "directory": {
+                "version": info.version,
+                "extensions": info.entries,
+                "realm": info.realm,
+                "range": f"{info.ext_first}-{info.ext_last}" if info.ext_last else None,
+            },
+        }
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        info = await trio.to_thread.run_sync(self.mirror.info)
+        log.info(
+            "office %s: directory mirror version %d with %d extension(s)",
+            self.config.office,
+            info.version,
+            info.entries,
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_control, self.data, {"status": self._status})
+                nursery.start_soon(self.uplink.run)
+                nursery.start_soon(self.uplink.watch_public_address)
+                task_status.started()
+        finally:
+            self.mirror.close()
+
+    async def _status(self, request: dict[str, Any]) -> Any:
+        return await trio.to_thread.run_sync(self.status)
