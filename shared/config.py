@@ -58,6 +58,8 @@ def _line_of(text: str, dotted: str) -> str:
         header = re.match(r"^\[([^\]]+)\]", stripped)
         if header:
             current = header.group(1).strip()
+            if current == dotted:
+                return f" (line {number})"  # the key is a table: its header is where it starts
             continue
         if current == section and re.match(rf'^"?{key}"?\s*=', stripped):
             return f" (line {number})"
@@ -67,7 +69,7 @@ def _line_of(text: str, dotted: str) -> str:
 def _build(cls: type[T], raw: Any, *, source: str, text: str, prefix: str) -> T:
     where = prefix.rstrip(".") or "top level"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: [{where}] must be a table")
+        raise ConfigError(f"{source}: [{where}]{_line_of(text, where)} must be a table")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in raw:
@@ -88,7 +90,9 @@ def _build(cls: type[T], raw: Any, *, source: str, text: str, prefix: str) -> T:
     try:
         return cls(**values)
     except ValueError as exc:  # __post_init__ validation names its own key
-        raise ConfigError(f"{source}: {exc}") from None
+        named = re.search(r"key '([^']+)'", str(exc))
+        line = _line_of(text, named.group(1)) if named else ""
+        raise ConfigError(f"{source}: {exc}{line}") from None
 
 
 def _convert(hint: Any, value: Any, *, source: str, text: str, dotted: str) -> Any:
