@@ -171,13 +171,32 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, Path):
         value = str(value)
     if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
+        return '"' + "".join(_toml_char(c) for c in value) + '"'
     if isinstance(value, tuple | list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if value is None:
         return '""'
     raise TypeError(f"cannot write {value!r} as TOML")
+
+
+_TOML_ESCAPES = {
+    "\\": "\\\\",
+    '"': '\\"',
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
+def _toml_char(char: str) -> str:
+    # TOML 1.0 "String": a basic string holds no control character (U+0000-U+001F, U+007F) raw.
+    if char in _TOML_ESCAPES:
+        return _TOML_ESCAPES[char]
+    if char < " " or char == "\x7f":
+        return f"\\u{ord(char):04X}"
+    return char
 
 
 def _dump_table(config: Any, name: str, out: list[str]) -> None:
