@@ -1,0 +1,3 @@
+from mainhost.cli import main
+
+main()

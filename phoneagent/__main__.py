@@ -1,0 +1,3 @@
+from phoneagent.cli import main
+
+main()

@@ -1,0 +1,3 @@
+from remotehost.cli import main
+
+main()
