@@ -55,7 +55,14 @@ def decode_token_untrusted(text: str) -> JoinToken:
         raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
     except (binascii.Error, ValueError):
         raise TokenError("the join token is not valid base64url: was it copied whole?") from None
-    if len(raw) < 5 or zlib.crc32(raw[:-4]).to_bytes(4, "big") != raw[-4:]:
+    # The decoder skips characters outside the alphabet and the unused bits of the last one, so
+    # a changed last character or a stray character would pass: only the canonical form is ours.
+    canonical = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    if (
+        len(raw) < 5
+        or canonical != payload.rstrip("=")
+        or zlib.crc32(raw[:-4]).to_bytes(4, "big") != raw[-4:]
+    ):
         raise TokenError("the join token is damaged (checksum mismatch): copy it again whole")
     try:
         fields = msgpack.unpackb(raw[:-4], raw=False)
