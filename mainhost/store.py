@@ -104,9 +104,13 @@ def ha1(algorithm: str, user: str, realm: str, password: str) -> str:
 
 
 def parse_range(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"\s*(\d{2,15})\s*-\s*(\d{2,15})\s*", text)
+    # [0-9], not \d: \d also matches other scripts' digits ("２０００"), which no phone dials.
+    match = re.fullmatch(r"\s*([0-9]{2,15})\s*-\s*([0-9]{2,15})\s*", text)
     if not match:
         raise StoreError(f"extension range {text!r} must look like 2000-2099")
+    if match.group(1).startswith("0"):
+        # Ranges are stored as numbers: a leading zero would be lost and no extension would fit.
+        raise StoreError(f"extension range {text!r} cannot start with 0")
     first, last = int(match.group(1)), int(match.group(2))
     if len(match.group(1)) != len(match.group(2)) or first > last:
         raise StoreError(
@@ -283,7 +287,8 @@ class MainStore:
 
     def add_phone(self, ext: str, password: str, realm: str, name: str = "") -> str:
         """Add a phone to the office whose range holds `ext`; return the office's name."""
-        if not ext.isdigit():
+        # [0-9], not str.isdigit(): that also takes "²", which int() then refuses.
+        if not re.fullmatch(r"[0-9]{1,15}", ext):
             raise StoreError(f"extension {ext!r} must be digits only")
         if len(password) < 8:
             raise StoreError("a phone password needs at least 8 characters")
