@@ -104,7 +104,7 @@ def ha1(algorithm: str, user: str, realm: str, password: str) -> str:
 
 
 def parse_range(text: str) -> tuple[int, int]:
-    # [0-9], not \d: \d also matches other scripts' digits ("２０００"), which no phone dials.
+    # [0-9], not \d: \d also matches other scripts' digits (fullwidth ones), which no phone dials.
     match = re.fullmatch(r"\s*([0-9]{2,15})\s*-\s*([0-9]{2,15})\s*", text)
     if not match:
         raise StoreError(f"extension range {text!r} must look like 2000-2099")
