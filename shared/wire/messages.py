@@ -367,3 +367,27 @@ class DirectoryAck(Message):
     """Remote host -> main host: the mirror on disk is now at `version`."""
 
     version: int
+
+
+@record
+@dataclass(frozen=True, slots=True)
+class RegistrationInfo:
+    """One registered contact of one extension, as the main host shows it."""
+
+    ext: str
+    contact: str
+    expires_at: float
+    source: str = ""
+    user_agent: str = ""
+    reachable: bool = True
+
+
+@message(104)
+@dataclass(frozen=True, slots=True)
+class RegistrationUpdate(Message):
+    """Remote host -> main host: registrations. `complete`: this is all of them (at login);
+    otherwise the bindings of each extension in `extensions` are replaced by those given."""
+
+    complete: bool
+    extensions: list[str] = field(default_factory=list)
+    bindings: list[RegistrationInfo] = field(default_factory=list)
