@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 
 from mainhost import pki
@@ -199,7 +199,7 @@ def read_status(data: Path) -> dict[str, Any]:
         return data_status_offline(data)
 
 
-def render_status(status: dict[str, Any]) -> Table:
+def render_status(status: dict[str, Any]) -> Group:
     now = time.time()
     title = "main host " + (
         f"running, {status.get('public_address')}" if status["running"] else "NOT running"
@@ -231,7 +231,23 @@ def render_status(status: dict[str, Any]) -> Table:
             str(office["phones"]),
             lan or "-",
         )
-    return table
+    phones = Table(title="registered phones", title_justify="left")
+    for column in ("office", "extension", "contact", "from", "user agent", "expires", "reachable"):
+        phones.add_column(column)
+    for office in status["offices"]:
+        for reg in office.get("registrations") or []:
+            phones.add_row(
+                office["name"],
+                reg["ext"],
+                reg["contact"],
+                reg["source"],
+                reg["user_agent"] or "-",
+                f"{max(0, reg['expires_at'] - now):.0f} s",
+                "yes" if reg["reachable"] else "[red]no[/]",
+            )
+    if phones.row_count:
+        return Group(table, phones)
+    return Group(table)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

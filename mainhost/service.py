@@ -177,6 +177,11 @@ def office_entry(office: Office, live: OfficeLive | None, now: float) -> dict[st
         "stun_address": f"{office.stun_ip}:{office.stun_port}" if office.stun_ip else None,
         "directory_version": office.dir_version,
         "directory_acked": live.dir_acked if live else None,
+        "registrations": (
+            [b for ext in sorted(live.registrations) for b in live.registrations[ext]]
+            if live
+            else []
+        ),
     }
 
 

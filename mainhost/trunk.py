@@ -26,7 +26,13 @@ from mainhost.store import MainStore
 from shared.aio.trunk import ConnectionLost, TrunkConnection
 from shared.ratelimit import FailureThrottle
 from shared.wire.frame import ErrorCode
-from shared.wire.messages import DirectoryAck, DirectorySnapshot, Message, OfficeReport
+from shared.wire.messages import (
+    DirectoryAck,
+    DirectorySnapshot,
+    Message,
+    OfficeReport,
+    RegistrationUpdate,
+)
 from shared.wire.session import (
     Closed,
     Ignored,
@@ -60,6 +66,7 @@ class OfficeLive:
     dir_sent: int = 0
     dir_acked: int = 0
     replaced: bool = False
+    registrations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -275,6 +282,23 @@ class TrunkServer:
                 detail = f"public address changed from {msg.address_changed_from}"
                 log.warning("office %s reports: %s", live.name, detail)
                 await trio.to_thread.run_sync(self.store.log_event, live.name, "address", detail)
+        elif isinstance(msg, RegistrationUpdate):
+            if msg.complete:
+                live.registrations.clear()
+            changed = set(msg.extensions) | {b.ext for b in msg.bindings}
+            for ext in changed:
+                live.registrations.pop(ext, None)
+            for b in msg.bindings:
+                live.registrations.setdefault(b.ext, []).append(
+                    {
+                        "ext": b.ext,
+                        "contact": b.contact,
+                        "expires_at": b.expires_at,
+                        "source": b.source,
+                        "user_agent": b.user_agent,
+                        "reachable": b.reachable,
+                    }
+                )
         elif isinstance(msg, DirectoryAck):
             live.dir_acked = msg.version
             if msg.version != live.dir_sent:
