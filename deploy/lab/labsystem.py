@@ -29,15 +29,16 @@ def wait_until(
 ) -> T:
     """Poll until `probe` returns something truthy; fail naming `what` and the last value."""
     deadline = time.monotonic() + timeout
-    last: Any = None
+    last: object = None
     while True:
         try:
-            last = probe()
+            value = probe()
         except Exception as exc:  # a probe may fail while things start; keep the reason
             last = exc
         else:
-            if last:
-                return last
+            if value:
+                return value
+            last = value
         if time.monotonic() > deadline:
             raise WaitTimeout(f"{what}: not within {timeout} s (last: {last!r})")
         time.sleep(interval)
