@@ -612,3 +612,196 @@ def test_answer_properties(formats: list[str], direction: str, local: str) -> No
     assert set(media.formats) <= set(formats)
     assert {"0", "8"} & set(media.formats)
     assert media.direction == negotiate_direction(direction, local)
+
+
+# -- real phones -------------------------------------------------------------------------------
+
+# A desk phone (Yealink-like): many codecs, SRTP crypto offered as an option on RTP/AVP.
+DESK_PHONE_OFFER = crlf(
+    """
+v=0
+o=- 20012 20012 IN IP4 192.0.2.30
+s=SDP data
+c=IN IP4 192.0.2.30
+t=0 0
+m=audio 11796 RTP/AVP 9 0 8 18 101
+a=rtpmap:9 G722/8000
+a=rtpmap:0 PCMU/8000
+a=rtpmap:8 PCMA/8000
+a=rtpmap:18 G729/8000
+a=fmtp:18 annexb=no
+a=ptime:20
+a=sendrecv
+a=rtpmap:101 telephone-event/8000
+a=fmtp:101 0-15
+a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz
+"""
+)
+
+# A softphone behind NAT that puts its private address in c= and offers video too.
+SOFTPHONE_OFFER = crlf(
+    """
+v=0
+o=softphone 1700000000 1700000001 IN IP4 10.1.2.3
+s=Talk
+c=IN IP4 10.1.2.3
+b=AS:380
+t=0 0
+a=rtcp-xr:rcvr-rtt=all:10000 stat-summary=loss,dup,jitt,TTL voip-metrics
+m=audio 7078 RTP/AVP 96 97 98 0 8 101 99 100
+a=rtpmap:96 opus/48000/2
+a=fmtp:96 useinbandfec=1
+a=rtpmap:97 speex/16000
+a=fmtp:97 vbr=on
+a=rtpmap:98 speex/8000
+a=fmtp:98 vbr=on
+a=rtpmap:101 telephone-event/48000
+a=rtpmap:99 telephone-event/16000
+a=rtpmap:100 telephone-event/8000
+a=rtcp-fb:* trr-int 1000
+a=rtcp-fb:* ccm tmmbr
+m=video 9078 RTP/AVP 102
+a=rtpmap:102 VP8/90000
+a=rtcp-fb:102 nack pli
+a=rtcp-fb:102 ccm fir
+"""
+)
+
+
+def test_desk_phone_offer() -> None:
+    sdp = parse_sdp_untrusted(DESK_PHONE_OFFER)
+    assert sdp.session_name == "SDP data"
+    assert sdp.media[0].fmtp(18) == "annexb=no"
+    assert sdp.media[0].fmtp(0) is None
+    assert sdp.media[0].attribute("crypto") is not None
+    assert sdp.encode() == DESK_PHONE_OFFER
+    (media,) = answer_to(DESK_PHONE_OFFER).media
+    # G.722 and G.729 are not ours; PCMU and PCMA and the 8 kHz telephone-event are.
+    assert media.formats == ("0", "8", "101")
+    assert media.fmtp(101) == "0-16"
+    assert media.ptime == 20
+    assert media.attribute("crypto") is None
+
+
+def test_softphone_offer_picks_8khz_telephone_event_and_rejects_video() -> None:
+    sdp = parse_sdp_untrusted(SOFTPHONE_OFFER)
+    assert sdp.encode() == SOFTPHONE_OFFER
+    assert sdp.attribute("rtcp-xr") is not None
+    assert sdp.bandwidths == (Bandwidth("AS", 380),)
+    answer = answer_to(sdp)
+    audio, video = answer.media
+    assert audio.formats == ("0", "8", "100")
+    assert dict(audio.codecs())[100] == Codec("telephone-event", 8000, 1, 100, "0-16")
+    assert (video.media, video.port, video.formats) == ("video", 0, ("102",))
+
+
+def test_answer_ptime_argument_wins() -> None:
+    (media,) = answer_to(SIPP_OFFER, ptime=30).media
+    assert media.ptime == 30
+    (media,) = answer_to(SIPP_OFFER).media
+    assert media.ptime is None
+
+
+def test_answer_with_avpf_profile() -> None:
+    offer = offer_with("m=audio 4000 RTP/AVPF 0\na=rtcp-fb:* nack\n")
+    (media,) = answer_to(offer).media
+    assert media.proto == "RTP/AVPF"
+    assert media.port == 30000
+
+
+def test_anchoring_conversation() -> None:
+    """A remote host anchors a call: it rewrites the caller's offer towards the callee, the
+    callee answers, and the answer is rewritten towards the caller; then the caller holds."""
+    caller_offer = parse_sdp_untrusted(BARESIP_OFFER)
+    # Towards the callee, with our relay's port for this leg and our own origin.
+    towards_callee = with_next_version(
+        None,
+        replace(
+            rewrite_media_address(caller_offer, address="198.51.100.1", ports=[20000]),
+            origin=replace(OUR_ORIGIN, session_version=1),
+        ),
+    )
+    callee_sees = parse_sdp_untrusted(towards_callee.encode())
+    assert callee_sees.connection_for(0) == Connection("198.51.100.1")
+    assert callee_sees.media[0].port == 20000
+    callee_answer = build_answer(
+        callee_sees,
+        origin=Origin("callee", "77", 1, "IN", "IP4", "192.0.2.40"),
+        address="192.0.2.40",
+        port=8000,
+    )
+    caller_sees = rewrite_media_address(
+        parse_sdp_untrusted(callee_answer.encode()), address="198.51.100.1", ports=[20002]
+    )
+    assert caller_sees.connection_for(0) == Connection("198.51.100.1")
+    assert caller_sees.media[0].port == 20002
+    assert caller_sees.media[0].formats == ("0", "8", "101")
+    # The caller puts the call on hold with a re-INVITE: a=sendonly, version up.
+    hold = parse_sdp_untrusted(BARESIP_OFFER.replace(b"a=sendrecv", b"a=sendonly"))
+    assert is_on_hold(hold, 0)
+    hold_towards_callee = with_next_version(
+        towards_callee,
+        replace(
+            rewrite_media_address(hold, address="198.51.100.1", ports=[20000]),
+            origin=towards_callee.origin,
+        ),
+    )
+    assert hold_towards_callee.origin.session_version == 2
+    assert hold_towards_callee.origin.session_id == OUR_ORIGIN.session_id
+    callee_hold_answer = answer_to(hold_towards_callee)
+    assert callee_hold_answer.media[0].direction == "recvonly"
+    # The same offer again (a session refresh) keeps the version.
+    refresh = with_next_version(
+        hold_towards_callee,
+        rewrite_media_address(hold, address="198.51.100.1", ports=[20000]),
+    )
+    assert refresh.origin.session_version == 2
+
+
+def test_connection_for_address_and_attribute_encode() -> None:
+    assert Connection.for_address("192.0.2.1") == Connection("192.0.2.1", "IN", "IP4")
+    assert Connection.for_address("2001:db8::1").addrtype == "IP6"
+    assert Attribute("sendrecv").encode() == "a=sendrecv"
+    assert Attribute("ptime", "20").encode() == "a=ptime:20"
+    assert Attribute("x", "").encode() == "a=x:"
+    assert parse_sdp_untrusted(
+        crlf("v=0\no=- 1 1 IN IP4 a\ns=-\nt=0 0\na=x:\na=y\n")
+    ).attributes == (Attribute("x", ""), Attribute("y"))
+
+
+def test_direction_defaults_and_precedence() -> None:
+    sdp = offer_with("a=inactive\nm=audio 1 RTP/AVP 0\na=sendonly\nm=audio 2 RTP/AVP 0\n")
+    assert sdp.direction(0) == "sendonly"  # media level wins
+    assert sdp.direction(1) == "inactive"  # session level inherited
+    assert offer_with("m=audio 1 RTP/AVP 0\n").direction(0) == "sendrecv"
+
+
+def test_codec_same_format() -> None:
+    assert PCMU.same_format(Codec("pcmu", 8000, payload_type=99))
+    assert not PCMU.same_format(Codec("PCMU", 16000))
+    assert not Codec("opus", 48000, 2).same_format(Codec("opus", 48000, 1))
+    assert Codec("opus", 48000, 2).rtpmap_value(111) == "111 opus/48000/2"
+    assert PCMA.rtpmap_value(8) == "8 PCMA/8000"
+
+
+@settings(max_examples=300)
+@given(
+    which=st.sampled_from([SIPP_OFFER, BARESIP_OFFER, DESK_PHONE_OFFER, SOFTPHONE_OFFER]),
+    position=st.integers(0, 2000),
+    flip=st.integers(1, 255),
+    cut=st.integers(0, 2000),
+)
+def test_fuzz_mangled_real_offers(which: bytes, position: int, flip: int, cut: int) -> None:
+    data = bytearray(which)
+    data[position % len(data)] ^= flip
+    for candidate in (bytes(data), bytes(data[: cut % len(data)])):
+        try:
+            sdp = parse_sdp_untrusted(candidate)
+        except SdpParseError:
+            continue
+        assert parse_sdp_untrusted(sdp.encode()) == sdp
+        try:
+            answer_to(sdp)
+        except SdpNegotiationError:
+            pass
+        rewrite_media_address(sdp, address="203.0.113.1", ports=[1000] * len(sdp.media))
