@@ -42,6 +42,22 @@ class DirectoryMirror:
         self._db.execute("PRAGMA synchronous=FULL")
         for statement in SCHEMA:
             self._db.execute(statement)
+        # The registrar looks credentials up on every REGISTER: from memory, not from sqlite.
+        # Replaced whole (never mutated) after each applied change, so readers need no lock.
+        self._cache: dict[str, DirectoryEntry] = {e.ext: e for e in self._load_entries()}
+
+    def _load_entries(self) -> list[DirectoryEntry]:
+        rows = self._db.execute(
+            "SELECT ext, ha1_md5, ha1_sha256, name FROM directory ORDER BY ext"
+        ).fetchall()
+        return [DirectoryEntry(*row) for row in rows]
+
+    def lookup_ha1(self, ext: str, algorithm: str) -> str | None:
+        """The stored HA1 of `ext` for "MD5" or "SHA-256", or None (for the digest verifier)."""
+        entry = self._cache.get(ext)
+        if entry is None:
+            return None
+        return entry.ha1_md5 if algorithm == "MD5" else entry.ha1_sha256
 
     def close(self) -> None:
         with self._lock:
@@ -76,18 +92,10 @@ class DirectoryMirror:
             )
 
     def lookup(self, ext: str) -> DirectoryEntry | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT ext, ha1_md5, ha1_sha256, name FROM directory WHERE ext=?", (ext,)
-            ).fetchone()
-        return DirectoryEntry(row[0], row[1], row[2], row[3]) if row else None
+        return self._cache.get(ext)
 
     def entries(self) -> list[DirectoryEntry]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT ext, ha1_md5, ha1_sha256, name FROM directory ORDER BY ext"
-            ).fetchall()
-        return [DirectoryEntry(*row) for row in rows]
+        return sorted(self._cache.values(), key=lambda e: e.ext)
 
     def apply_snapshot(self, snapshot: DirectorySnapshot) -> None:
         with self._lock:
@@ -115,6 +123,7 @@ class DirectoryMirror:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+            self._cache = {e.ext: e for e in snapshot.entries}
 
     def apply_delta(self, delta: DirectoryDelta) -> bool:
         """Apply a delta; False (and nothing changed) if it was not made for our version."""
@@ -132,9 +141,18 @@ class DirectoryMirror:
                     [(e.ext, e.name, e.ha1_md5, e.ha1_sha256) for e in delta.put],
                 )
                 db.executemany("DELETE FROM directory WHERE ext=?", [(x,) for x in delta.delete])
-                db.execute("UPDATE meta SET value=? WHERE key='version'", (str(delta.version),))
+                db.execute(
+                    "INSERT INTO meta(key, value) VALUES ('version', ?)"
+                    " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                    (str(delta.version),),
+                )
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+            cache = dict(self._cache)
+            cache.update((e.ext, e) for e in delta.put)
+            for ext in delta.delete:
+                cache.pop(ext, None)
+            self._cache = cache
             return True
