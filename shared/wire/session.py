@@ -274,6 +274,10 @@ class TrunkSession:
     def send(self, msg: Message, *, channel: int = 0) -> None:
         if self.state is not State.ESTABLISHED:
             raise LocalProtocolError(f"cannot send {type(msg).__name__} in state {self.state}")
+        if _is_handshake(msg) or isinstance(msg, Close):
+            # The session's own vocabulary: sent by hand, the peer would take it as a protocol
+            # violation (or a goodbye) while our state still says ESTABLISHED. Use close().
+            raise LocalProtocolError(f"{type(msg).__name__} is sent by the session itself")
         self._queue(msg, channel)
 
     def close(self, code: int, reason: str) -> None:
