@@ -13,8 +13,15 @@ import math
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from shared.wire import session as session_module
 from shared.wire.frame import ErrorCode, encode_frame
@@ -840,6 +847,29 @@ def test_send_before_established_raises(side: Any) -> None:
     assert before is not None
 
 
+def is_session_vocabulary(msg: Message) -> bool:
+    return isinstance(msg, Hello | Challenge | Login | LoginOk | LoginRefused | Close)
+
+
+@pytest.mark.parametrize("msg", [*SAMPLES[:5], Close(0, "bye")], ids=lambda m: type(m).__name__)
+def test_send_refuses_the_sessions_own_messages(msg: Message) -> None:
+    # A hand-sent Close would end the peer's session while ours still says ESTABLISHED.
+    server = server_in(State.ESTABLISHED)
+    with pytest.raises(LocalProtocolError, match="sent by the session itself"):
+        server.send(msg)
+    assert server.data_to_send() == b""
+    assert server.state is State.ESTABLISHED
+
+
+def test_send_heartbeat_by_hand_is_harmless() -> None:
+    pair = SessionPair()
+    pair.login()
+    pair.take(pair.server)
+    pair.client.send(Heartbeat(99))
+    assert pair.take(pair.server) == []
+    assert pair.server.state is State.ESTABLISHED
+
+
 def test_send_after_close_raises() -> None:
     server = server_in(State.ESTABLISHED)
     server.close(ErrorCode.SHUTDOWN, "bye")
@@ -872,3 +902,188 @@ def test_complete_login_after_the_client_went_away_raises() -> None:
     assert server.closed
     with pytest.raises(LocalProtocolError):
         server.complete_login(SECRET, now=START + 2, public_ip="x", public_port=1, session="s")
+
+
+# --- a stateful property test: whatever a client sends, the server stays consistent ------------
+
+SERVER_STATES = {State.START, State.CHALLENGED, State.VERIFYING, State.ESTABLISHED, State.CLOSED}
+UNREGISTERED = st.integers(0, 0xFFFF).filter(lambda code: code not in MESSAGES)
+
+
+class ServerMachine(RuleBasedStateMachine):
+    """Random valid and invalid input and timer ticks into one server session.
+
+    The only exception allowed out of the session is LocalProtocolError, and only when this test
+    misused it (send before ESTABLISHED, complete_login without a pending attempt). After every
+    step the session's state, events, timer and output must agree with each other.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = START
+        self.server = new_server()
+        self.events: list[Event] = []
+        self.out = bytearray()
+        self.closed_at_output: int | None = None  # len(self.out) when Closed was seen
+        self.login_ok_allowed = 0  # complete_login() calls that returned True
+        self.pending: tuple[bool, bool] | None = None  # (office known, proof good) of the Login
+
+    @initialize(
+        start=st.sampled_from(
+            [State.START, State.CHALLENGED, State.VERIFYING, State.ESTABLISHED, State.ESTABLISHED]
+        )
+    )
+    def start_in(self, start: State) -> None:
+        """Begin in any state, so every state meets every kind of input early in a run."""
+        if start is not State.START:
+            self.hello(PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, split=0)
+        if start in (State.VERIFYING, State.ESTABLISHED):
+            self.login(known=True, good=True, nonce_size=32, split=0)
+        if start is State.ESTABLISHED:
+            self.complete_login()
+        assert self.server.state is start
+
+    # -- client input --
+
+    def _feed(self, data: bytes, split: int = 0) -> None:
+        cut = min(split, len(data))
+        for part in (data[:cut], data[cut:]):
+            if part:
+                self.server.receive_data(part, self.now)
+
+    @rule(
+        version=st.sampled_from([PROTOCOL_VERSION, PROTOCOL_VERSION + 1, 0, -1]),
+        min_version=st.sampled_from([MIN_PROTOCOL_VERSION, 0, PROTOCOL_VERSION + 1]),
+        split=st.integers(0, 40),
+    )
+    def hello(self, version: int, min_version: int, split: int) -> None:
+        self._feed(encode_message(Hello(version, min_version, "fuzz")), split)
+
+    @rule(
+        known=st.booleans(),
+        good=st.booleans(),
+        nonce_size=st.sampled_from([32, 16, 15, 0]),
+        split=st.integers(0, 120),
+    )
+    def login(self, known: bool, good: bool, nonce_size: int, split: int) -> None:
+        office = OFFICE if known else "ghost"
+        nonce = b"c" * nonce_size
+        proof = login_proof(SECRET if good else WRONG_SECRET, office, SERVER_NONCE, nonce)
+        if self.server.state is State.CHALLENGED and nonce_size >= 16:
+            self.pending = (known, good)
+        self._feed(encode_message(Login(office, nonce, proof, 3, "b")), split)
+
+    @precondition(lambda self: self.server.state is State.START)
+    @rule()
+    def whole_good_handshake(self) -> None:
+        self._feed(encode_message(Hello(1, 1, "fuzz")) + encode_message(good_login()))
+        self.pending = (True, True)
+        self.complete_login()
+
+    @rule(msg=any_message(), channel=st.integers(0, 0xFFFFFFFF), split=st.integers(0, 30))
+    def any_known_message(self, msg: Message, channel: int, split: int) -> None:
+        self._feed(encode_message(msg, channel=channel), split)
+
+    @rule(code=UNREGISTERED, body=st.binary(max_size=30), channel=st.integers(0, 9))
+    def unknown_message(self, code: int, body: bytes, channel: int) -> None:
+        self._feed(encode_frame(code, body, channel=channel))
+
+    @rule(data=st.binary(min_size=1, max_size=40))
+    def garbage(self, data: bytes) -> None:
+        self._feed(data)
+
+    @rule()
+    def end_of_stream(self) -> None:
+        self.server.receive_data(b"", self.now)
+
+    # -- time --
+
+    @rule(dt=st.floats(0, 6, allow_nan=False))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        self.server.handle_timer(self.now)
+
+    @rule()
+    def tick_at_timer(self) -> None:
+        timer = self.server.get_timer()
+        if timer is not None:
+            self.now = max(self.now, timer)
+            self.server.handle_timer(self.now)
+
+    # -- our own side, including misuse --
+
+    @rule()
+    def complete_login(self) -> None:
+        verifying = self.server.state is State.VERIFYING
+        secrets_by_office = {True: SECRET, False: None}
+        known, good = self.pending if self.pending is not None else (False, False)
+        try:
+            ok = self.server.complete_login(
+                secrets_by_office[known], now=self.now, public_ip="x", public_port=1, session="s"
+            )
+        except LocalProtocolError:
+            assert not verifying
+            return
+        assert verifying
+        assert ok == (known and good)
+        self.login_ok_allowed += ok
+        self.pending = None
+
+    @rule(msg=any_message(), channel=st.integers(0, 100))
+    def send(self, msg: Message, channel: int) -> None:
+        allowed = self.server.state is State.ESTABLISHED and not is_session_vocabulary(msg)
+        try:
+            self.server.send(msg, channel=channel)
+        except LocalProtocolError:
+            assert not allowed
+        else:
+            assert allowed
+
+    @rule(code=st.sampled_from([ErrorCode.SHUTDOWN, ErrorCode.REPLACED, 77]))
+    def close(self, code: int) -> None:
+        self.server.close(code, "test")
+
+    # -- what must always hold --
+
+    @invariant()
+    def consistent(self) -> None:
+        server = self.server
+        self.events += events_of(server)
+        self.out += server.data_to_send()
+        assert server.state in SERVER_STATES
+        closes = [e for e in self.events if isinstance(e, Closed)]
+        assert len(closes) <= 1
+        if closes:
+            assert self.events[-1] is closes[0], "events after Closed"
+            assert server.state is State.CLOSED
+            if self.closed_at_output is None:
+                self.closed_at_output = len(self.out)
+            assert len(self.out) == self.closed_at_output, "output after the session closed"
+            assert server.get_timer() is None
+        else:
+            assert server.state is not State.CLOSED
+            timer = server.get_timer()
+            assert timer is not None and math.isfinite(timer)
+        logged_in = [e for e in self.events if isinstance(e, LoggedIn)]
+        assert len(logged_in) <= 1
+        if server.state is State.ESTABLISHED:
+            assert len(logged_in) == 1
+        if logged_in:
+            first_attempt = next(
+                i for i, e in enumerate(self.events) if isinstance(e, LoginAttempt)
+            )
+            assert first_attempt < self.events.index(logged_in[0])
+        sent_frames = frames_in(bytes(self.out))
+        assert sum(isinstance(m, LoginOk) for m in sent_frames) == self.login_ok_allowed
+        assert sum(isinstance(m, Challenge) for m in sent_frames) <= 1
+        final = [i for i, m in enumerate(sent_frames) if isinstance(m, Close | LoginRefused)]
+        assert final in ([], [len(sent_frames) - 1]), "a Close or LoginRefused is the last frame"
+
+    def teardown(self) -> None:
+        # Liveness: a silent peer ends every session, whatever state it was left in.
+        self.server.handle_timer(self.now + 1e6)
+        assert self.server.closed
+
+
+ServerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=25, deadline=None)
+TestServerMachine = ServerMachine.TestCase
