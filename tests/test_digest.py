@@ -581,3 +581,47 @@ def test_nonce_counts_accept_exactly_increasing_sequence(steps: list[tuple[int, 
         assert result.ok == (right and nc > best)
         if result.ok:
             best = nc
+
+
+_ANY_TEXT = st.text(alphabet=st.characters(codec="utf-8", min_codepoint=0x20), max_size=20)
+
+
+@settings(max_examples=200)
+@given(
+    field=st.sampled_from(["username", "uri", "response", "cnonce", "nc", "qop", "algorithm"]),
+    text=_ANY_TEXT,
+)
+def test_fuzz_fields_behind_a_valid_nonce(field: str, text: str) -> None:
+    """With a genuine nonce every field reaches the hash code: still only results, no raise."""
+    verifier = make_verifier()
+    creds = parse_authorization_untrusted(answer(verifier.challenges(0.0)[0]))
+    params = {
+        "username": creds.username,
+        "realm": creds.realm,
+        "nonce": creds.nonce,
+        "uri": creds.uri,
+        "response": creds.response,
+        "cnonce": creds.cnonce or "",
+        "nc": f"{creds.nc:08x}",
+        "qop": creds.qop or "",
+        "algorithm": creds.algorithm or "",
+    }
+    original = params[field]
+    params[field] = text
+    value = "Digest " + ", ".join(
+        f'{name}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+        for name, v in params.items()
+    )
+    result = verify(verifier, value, 1.0)
+    assert result.status in ("ok", "bad", "stale")
+    if result.ok:
+        # Only the unchanged value (up to case, for the hex and token fields) can pass.
+        assert text.lower() == original.lower()
+
+
+def test_non_ascii_response_is_bad_not_a_crash() -> None:
+    verifier = make_verifier()
+    value = answer(verifier.challenges(0.0)[0])
+    response = parse_authorization_untrusted(value).response
+    forged = value.replace(response, "é" * len(response))
+    assert verify(verifier, forged, 1.0).status == "bad"

@@ -517,7 +517,7 @@ class DigestVerifier:
         if creds.realm != self.realm:
             # RFC 3261 §22.1: credentials for another realm are no credentials for ours.
             return self._result("missing", "credentials for another realm", now)
-        algorithm = creds.algorithm or "MD5"
+        algorithm = "MD5" if creds.algorithm is None else creds.algorithm
         if algorithm not in self.algorithms:
             return self._result("bad", f"algorithm {algorithm} not offered", now)
         if creds.qop is None:
@@ -552,7 +552,8 @@ class DigestVerifier:
             nc=f"{nc:08x}",
             cnonce=creds.cnonce or "",
         )
-        matches = hmac.compare_digest(expected, creds.response)
+        # Bytes, not str: compare_digest refuses non-ASCII text, and the response is untrusted.
+        matches = hmac.compare_digest(expected.encode(), creds.response.encode())
         if not (known and matches):
             return self._result("bad", _BAD_CREDENTIALS, now)
         if verdict == "stale":
