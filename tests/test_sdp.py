@@ -805,3 +805,46 @@ def test_fuzz_mangled_real_offers(which: bytes, position: int, flip: int, cut: i
         except SdpNegotiationError:
             pass
         rewrite_media_address(sdp, address="203.0.113.1", ports=[1000] * len(sdp.media))
+
+
+@settings(max_examples=300)
+@given(
+    names=st.lists(
+        st.sampled_from(["rtpmap", "fmtp", "rtcp", "ptime", "maxptime", "sendonly", "inactive"]),
+        max_size=5,
+    ),
+    values=st.lists(
+        st.text(alphabet=st.characters(codec="utf-8", min_codepoint=0x09), max_size=15),
+        min_size=5,
+        max_size=5,
+    ),
+    formats=st.lists(st.text(alphabet="0123456789x ", min_size=1, max_size=4), max_size=4),
+)
+def test_fuzz_accessors_on_any_attribute_values(
+    names: list[str], values: list[str], formats: list[str]
+) -> None:
+    """Accessors read untrusted attribute values: they answer None or skip, never raise."""
+    formats = [f for f in " ".join(formats).split()]
+    lines = "".join(f"a={name}:{value}\n" for name, value in zip(names, values, strict=False))
+    text = f"m=audio 4000 RTP/AVP {' '.join(formats)}\n{lines}".replace("\r", "")
+    try:
+        sdp = offer_with(text)
+    except SdpParseError:
+        return
+    media = sdp.media[0]
+    media.codecs()
+    media.rtcp  # noqa: B018
+    media.ptime  # noqa: B018
+    media.maxptime  # noqa: B018
+    for payload_type in range(0, 128, 7):
+        media.fmtp(payload_type)
+    try:
+        answer_to(sdp)
+    except SdpNegotiationError:
+        pass
+
+
+def test_blank_rtcp_attribute() -> None:
+    sdp = parse_sdp_untrusted(b"v=0\r\no=- 1 1 IN IP4 a\r\nm=audio 1 RTP/AVP 0\r\na=rtcp: \r\n")
+    assert sdp.media[0].attribute("rtcp") == " "
+    assert sdp.media[0].rtcp is None

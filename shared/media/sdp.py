@@ -203,10 +203,9 @@ class MediaDescription:
     @property
     def rtcp(self) -> tuple[int, Connection | None] | None:
         """RFC 3605: ``a=rtcp:<port> [IN IP4 <address>]``; None if absent or unreadable."""
-        value = self.attribute("rtcp")
-        if not value:
+        parts = (self.attribute("rtcp") or "").split()
+        if not parts:
             return None
-        parts = value.split()
         port = _int_or_none(parts[0])
         if port is None or port > 65535:
             return None
