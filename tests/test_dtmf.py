@@ -158,8 +158,8 @@ def digit_stream(digits: str, *, sender: DtmfSender | None = None) -> list[RtpPa
 
 def run(receiver: DtmfReceiver, packets: list[RtpPacket]) -> list[DigitPressed | DigitReleased]:
     out: list[DigitPressed | DigitReleased] = []
-    for packet in packets:
-        out += receiver.receive(packet)
+    for index, packet in enumerate(packets):
+        out += receiver.receive(packet, now=index * 0.02)
     return out + receiver.flush()
 
 
@@ -201,13 +201,13 @@ def test_receiver_ignores_other_payload_types_and_garbage() -> None:
     audio = RtpPacket(
         payload_type=0, sequence=1, timestamp=1, ssrc=SSRC, payload=b"\x05\x00\x00\x00"
     )
-    assert receiver.receive(audio) == []
+    assert receiver.receive(audio, now=0.0) == []
     short = RtpPacket(payload_type=101, sequence=1, timestamp=1, ssrc=SSRC, payload=b"\x05")
     unknown = RtpPacket(
         payload_type=101, sequence=2, timestamp=1, ssrc=SSRC, payload=b"\x40\x00\x00\x10"
     )
-    assert receiver.receive(short) == []
-    assert receiver.receive(unknown) == []
+    assert receiver.receive(short, now=0.0) == []
+    assert receiver.receive(unknown, now=0.0) == []
     assert receiver.ignored == 2
 
 
@@ -216,7 +216,7 @@ def test_receiver_late_duplicate_of_finished_event() -> None:
     receiver = DtmfReceiver()
     events = run(receiver, packets)
     # A straggler of "1" arrives long after: nothing new.
-    assert receiver.receive(packets[1]) == []
+    assert receiver.receive(packets[1], now=10.0) == []
     assert pressed(events) == "12"
 
 
@@ -263,6 +263,37 @@ def test_fuzz_receiver_never_raises(payloads: list[bytes], ts: int) -> None:
         packet = RtpPacket(
             payload_type=101, sequence=i, timestamp=(i * ts) % 3, ssrc=SSRC, payload=payload
         )
-        for event in receiver.receive(packet):
+        for event in receiver.receive(packet, now=float(i)):
             assert event.digit
     receiver.flush()
+
+
+def test_receiver_timer_releases_a_digit_whose_end_was_lost() -> None:
+    packets = [p for p in digit_stream("9") if not parse_telephone_event_untrusted(p.payload).end]
+    receiver = DtmfReceiver(hold_timeout=0.5)
+    assert receiver.get_timer() is None
+    events = []
+    for index, packet in enumerate(packets):
+        events += receiver.receive(packet, now=1.0 + index * 0.02)
+    assert events == [DigitPressed("9", 9, 1000)]
+    last = 1.0 + (len(packets) - 1) * 0.02
+    assert receiver.get_timer() == pytest.approx(last + 0.5)
+    assert receiver.handle_timer(last + 0.4) == []
+    assert receiver.handle_timer(last + 0.5) == [DigitReleased("9", 9, 1000, 640)]
+    assert receiver.get_timer() is None
+    assert receiver.handle_timer(last + 10) == []
+    # A straggler of the released digit does not press it again.
+    assert receiver.receive(packets[-1], now=last + 11) == []
+
+
+def test_receiver_timer_is_pushed_by_updates() -> None:
+    receiver = DtmfReceiver(hold_timeout=0.5)
+    packets = digit_stream("1")
+    receiver.receive(packets[0], now=0.0)
+    assert receiver.get_timer() == 0.5
+    receiver.receive(packets[1], now=0.3)
+    assert receiver.get_timer() == 0.8
+    assert receiver.handle_timer(0.6) == []
+    released = receiver.receive(packets[-1], now=0.7)
+    assert [type(e) for e in released] == [DigitReleased]
+    assert receiver.get_timer() is None

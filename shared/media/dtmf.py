@@ -186,18 +186,25 @@ class DtmfReceiver:
     An event is identified by its RTP timestamp (§2.5.1.2: all packets of one event carry the
     start timestamp). A press is reported on the first packet of a new event, whether or not it
     had the marker (the start may be lost); a release on its first end packet, or when a newer
-    event begins while it has not ended. Recently finished events are remembered (bounded) so
-    late duplicates and the repeated end packets report nothing.
+    event begins while it has not ended, or when its packets stop for ``hold_timeout`` seconds
+    (all end packets lost and nothing follows: see get_timer/handle_timer). Recently finished
+    events are remembered (bounded) so late duplicates and the repeated end packets report
+    nothing.
     """
 
-    def __init__(self, *, payload_type: int = 101, remember: int = 32) -> None:
+    def __init__(
+        self, *, payload_type: int = 101, remember: int = 32, hold_timeout: float = 0.5
+    ) -> None:
         self.payload_type = payload_type
+        self.hold_timeout = hold_timeout
         self._current: tuple[int, int, int, int] | None = None  # ssrc, timestamp, event, duration
+        self._last_packet = 0.0
         self._finished: deque[tuple[int, int]] = deque(maxlen=remember)
         self.ignored = 0
         """Packets dropped: malformed payloads and unknown events."""
 
-    def receive(self, packet: RtpPacket) -> list[DtmfEvent]:
+    def receive(self, packet: RtpPacket, *, now: float) -> list[DtmfEvent]:
+        """Account one packet of the stream (other payload types are ignored)."""
         if packet.payload_type != self.payload_type:
             return []
         try:
@@ -214,6 +221,7 @@ class DtmfReceiver:
             return []
         events: list[DtmfEvent] = []
         current = self._current
+        self._last_packet = now
         if current is not None and (current[0], current[1]) == key:
             duration = max(current[3], tone.duration)
             self._current = (current[0], current[1], current[2], duration)
@@ -234,6 +242,19 @@ class DtmfReceiver:
         self._finished.append((ssrc, timestamp))
         self._current = None
         return DigitReleased(EVENT_DIGITS[event], event, timestamp, duration)
+
+    def get_timer(self) -> float | None:
+        """When to call handle_timer: the time a held digit is given up, or None."""
+        if self._current is None:
+            return None
+        return self._last_packet + self.hold_timeout
+
+    def handle_timer(self, now: float) -> list[DtmfEvent]:
+        """Release a held digit whose packets stopped (its end packets were all lost)."""
+        deadline = self.get_timer()
+        if deadline is None or now < deadline:
+            return []
+        return self.flush()
 
     def flush(self) -> list[DtmfEvent]:
         """Release a digit still held (the stream ended or timed out without end packets)."""
