@@ -17,6 +17,7 @@ from shared.media.rtp import (
     is_rtcp,
     is_rtp_or_rtcp,
     parse_rtp_untrusted,
+    peek_rtp_header_untrusted,
 )
 
 # A PCMU packet as a capture shows it: V=2, PT=0, seq 0x1234, ts 0xdeadbeef, SSRC 0x01020304.
@@ -132,6 +133,30 @@ def test_fuzz_parse_raises_only_parse_error(data: bytes) -> None:
     except RtpParseError:
         return
     assert packet.encode() == data
+
+
+@given(data=st.binary(max_size=40))
+def test_fuzz_peek_raises_only_parse_error(data: bytes) -> None:
+    try:
+        header = peek_rtp_header_untrusted(data)
+    except RtpParseError:
+        assert len(data) < 12 or data[0] >> 6 != 2
+        return
+    assert 0 <= header.payload_type <= 127
+
+
+@given(packet=packets)
+def test_peek_agrees_with_parse(packet: RtpPacket) -> None:
+    header = peek_rtp_header_untrusted(packet.encode())
+    assert header == (
+        packet.payload_type,
+        packet.marker,
+        packet.sequence,
+        packet.timestamp,
+        packet.ssrc,
+    )
+    assert header.ssrc == packet.ssrc
+    assert header.marker is packet.marker
 
 
 @given(packet=packets, cut=st.integers(0, 200), flip=st.integers(0, 255))
