@@ -1,0 +1,1060 @@
+"""SIP transactions (RFC 3261 §17, amended by RFC 6026) and the layer that matches messages to them.
+
+This module owns the four transaction state machines (INVITE client, non-INVITE client, INVITE
+server, non-INVITE server) as tables, their timers A-M, and `TransactionLayer`, which matches
+incoming messages to transactions (§17.1.3, §17.2.3), creates server transactions for new
+requests, absorbs retransmissions, finds the INVITE a CANCEL is for, runs every timer and stays
+within a bound. Everything is sans-I/O: messages and the time come in as arguments, and what
+comes out is a list of events, some for the transaction user (TU) and some (`SendMessage`) for
+the transport. Destinations are opaque: whatever the adapter passed in (an address tuple, a
+connection) comes back in `SendMessage`.
+
+It does not parse or validate bytes (messages must have passed `validate_request_untrusted` /
+`validate_response_untrusted`), choose where a response goes (§18.2.2 `received`/`rport` is the
+transport's business: a server transaction answers to the `source` its request came from),
+retransmit a 2xx to an INVITE or its ACK (§13.3.1.4, §13.2.2.4: the TU's, see `dialog.py`), or
+run Timer C / decide to CANCEL (the TU's).
+
+RFC 6026 is followed where it corrects RFC 3261: a 2xx moves INVITE transactions to Accepted
+instead of Terminated, so that retransmitted 2xx responses still reach the TU through the
+client transaction (Timer M) and retransmitted INVITEs are absorbed by the server transaction
+instead of looking like new calls (Timer L). Responses that match no transaction are dropped
+and counted (RFC 6026 §7.2), ACKs that match none go to the TU (they acknowledge a 2xx).
+
+It is long (about 1000 lines, a quarter of them the RFC figures) on purpose: the four figures,
+their tables, the one executor and the layer are one section of the RFC (§17), and splitting
+them would separate each table from the code that reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import heapq
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from shared.sip.errors import SipParseError
+from shared.sip.headers import Via
+from shared.sip.message import Headers, SipMessage, SipRequest, SipResponse, make_response
+
+MAGIC_COOKIE = "z9hG4bK"
+
+
+class TransactionError(Exception):
+    """The TU used a transaction wrongly (our own bug, not the peer's fault): a response for a
+    transaction that has none pending, a duplicate branch, an ACK sent as a transaction."""
+
+
+class OverloadError(TransactionError):
+    """The layer holds `max_transactions` already; a new client transaction was refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class TimerConfig:
+    """RFC 3261 §17.1.1.1 / Table 4 timer values, in seconds."""
+
+    t1: float = 0.5
+    """Round-trip estimate: first retransmission interval; 64*T1 bounds a transaction."""
+    t2: float = 4.0
+    """Longest retransmission interval for non-INVITE requests and INVITE responses."""
+    t4: float = 5.0
+    """Longest time a message stays in the network (Timers I and K)."""
+    timer_d: float = 32.0
+    """How long an INVITE client waits for response retransmissions (at least 32 s)."""
+
+
+DEFAULT_TIMERS = TimerConfig()
+
+
+class Timer(enum.Enum):
+    A = "A"  # INVITE client: request retransmission, doubling (§17.1.1.2)
+    B = "B"  # INVITE client: transaction timeout, 64*T1
+    D = "D"  # INVITE client: wait for response retransmissions in Completed
+    E = "E"  # non-INVITE client: request retransmission, doubling up to T2 (§17.1.2.2)
+    F = "F"  # non-INVITE client: transaction timeout, 64*T1
+    G = "G"  # INVITE server: final response retransmission, doubling up to T2 (§17.2.1)
+    H = "H"  # INVITE server: wait for ACK, 64*T1
+    I = "I"  # noqa: E741  INVITE server: absorb ACK retransmissions in Confirmed
+    J = "J"  # non-INVITE server: absorb request retransmissions in Completed
+    K = "K"  # non-INVITE client: absorb response retransmissions in Completed
+    L = "L"  # RFC 6026: INVITE server in Accepted, 64*T1
+    M = "M"  # RFC 6026: INVITE client in Accepted, 64*T1
+
+
+class State(enum.Enum):
+    CALLING = "calling"
+    TRYING = "trying"
+    PROCEEDING = "proceeding"
+    COMPLETED = "completed"
+    CONFIRMED = "confirmed"
+    ACCEPTED = "accepted"
+    TERMINATED = "terminated"
+
+
+class Input(enum.Enum):
+    """What can happen to a transaction, besides a timer firing."""
+
+    REQUEST = "request"  # server: the request again (a retransmission)
+    ACK = "ack"  # INVITE server: an ACK matching the transaction
+    PROVISIONAL = "1xx"  # client: a 1xx received
+    SUCCESS = "2xx"  # client: a 2xx received
+    FAILURE = "3xx-6xx"  # client: a 300-699 received
+    TU_PROVISIONAL = "TU 1xx"  # server: the TU sends 101-199
+    TU_SUCCESS = "TU 2xx"  # server: the TU sends a 2xx
+    TU_FAILURE = "TU 3xx-6xx"  # server: the TU sends 300-699
+    TRANSPORT_ERROR = "transport error"
+
+
+class Action(enum.Enum):
+    SEND_REQUEST = "send request"  # (re)transmit our request
+    SEND_ACK = "send ACK"  # §17.1.1.3 ACK for a non-2xx
+    PASS_TO_TU = "pass to TU"  # the response (client) or the ACK (server) goes up
+    SEND_RESPONSE = "send response"  # send the TU's response, remember it
+    RESEND_RESPONSE = "resend response"  # send the last response again
+    INFORM_TIMEOUT = "inform TU: timeout"
+    INFORM_TRANSPORT_ERROR = "inform TU: transport error"
+
+
+Stimulus = Input | Timer
+Transition = tuple[State, tuple[Action, ...]]
+
+_C, _T, _P = State.CALLING, State.TRYING, State.PROCEEDING
+_CO, _CF, _AC, _X = State.COMPLETED, State.CONFIRMED, State.ACCEPTED, State.TERMINATED
+A = Action
+
+# RFC 3261 Figure 5: INVITE client transaction (with RFC 6026 §7.2: 2xx -> Accepted, Timer M).
+#
+#                                |INVITE from TU
+#              Timer A fires     |INVITE sent
+#              Reset A,          V                      Timer B fires
+#              INVITE sent +-----------+                or Transport Err.
+#                +---------|           |---------------+inform TU
+#                |         |  Calling  |               |
+#                +-------->|           |-------------->|
+#                          +-----------+ 2xx           |
+#                             |  |       2xx to TU     |
+#                             |  |1xx                  |
+#     300-699 +---------------+  |1xx to TU            |
+#    ACK sent |                  |                     |
+# resp. to TU |  1xx             V                     |
+#             |  1xx to TU  -----------+               |
+#             |  +---------|           |               |
+#             |  |         |Proceeding |-------------->|
+#             |  +-------->|           | 2xx           |
+#             |            +-----------+ 2xx to TU     |
+#             |       300-699    |                     |
+#             |       ACK sent,  |                     |
+#             |       resp. to TU|                     |
+#             |                  |                     |      NOTE:
+#             |  300-699         V                     |
+#             |  ACK sent  +-----------+Transport Err.  |  transitions
+#             |  +---------|           |Inform TU      |  labeled with
+#             |  |         | Completed |-------------->|  the event
+#             |  +-------->|           |               |  over the action
+#             |            +-----------+               |  to take
+#             |              ^   |                     |
+#             |              |   | Timer D fires       |
+#             +--------------+   | -                   |
+#                                |                     |
+#                                V                     |
+#                          +-----------+               |
+#                          |           |               |
+#                          | Terminated|<--------------+
+#                          |           |
+#                          +-----------+
+#
+# RFC 6026 replaces "2xx -> Terminated" by "2xx -> Accepted (2xx to TU)", where further 2xx go
+# to the TU and Timer M (64*T1) leads to Terminated.
+INVITE_CLIENT: dict[tuple[State, Stimulus], Transition] = {
+    (_C, Timer.A): (_C, (A.SEND_REQUEST,)),
+    (_C, Timer.B): (_X, (A.INFORM_TIMEOUT,)),
+    (_C, Input.TRANSPORT_ERROR): (_X, (A.INFORM_TRANSPORT_ERROR,)),
+    (_C, Input.PROVISIONAL): (_P, (A.PASS_TO_TU,)),
+    (_C, Input.SUCCESS): (_AC, (A.PASS_TO_TU,)),
+    (_C, Input.FAILURE): (_CO, (A.SEND_ACK, A.PASS_TO_TU)),
+    (_P, Input.PROVISIONAL): (_P, (A.PASS_TO_TU,)),
+    (_P, Input.SUCCESS): (_AC, (A.PASS_TO_TU,)),
+    (_P, Input.FAILURE): (_CO, (A.SEND_ACK, A.PASS_TO_TU)),
+    (_CO, Input.FAILURE): (_CO, (A.SEND_ACK,)),
+    (_CO, Input.TRANSPORT_ERROR): (_X, (A.INFORM_TRANSPORT_ERROR,)),
+    (_CO, Timer.D): (_X, ()),
+    (_AC, Input.SUCCESS): (_AC, (A.PASS_TO_TU,)),
+    (_AC, Timer.M): (_X, ()),
+}
+
+# RFC 3261 Figure 6: non-INVITE client transaction.
+#
+#                                    |Request from TU
+#                                    |send request
+#                Timer E             V
+#                send request  +-----------+
+#                    +---------|           |-------------------+
+#                    |         |  Trying   |  Timer F          |
+#                    +-------->|           |  or Transport Err.|
+#                              +-----------+  inform TU        |
+#                 200-699         |  |                         |
+#                 resp. to TU     |  |1xx                      |
+#                 +---------------+  |resp. to TU              |
+#                 |                  |                         |
+#                 |   Timer E        V       Timer F           |
+#                 |   send req +-----------+ or Transport Err. |
+#                 |  +---------|           | inform TU         |
+#                 |  |         |Proceeding |------------------>|
+#                 |  +-------->|           |-----+             |
+#                 |            +-----------+     |1xx          |
+#                 |              |      ^        |resp to TU   |
+#                 | 200-699      |      +--------+             |
+#                 | resp. to TU  |                             |
+#                 |              |                             |
+#                 |              V                             |
+#                 |            +-----------+                   |
+#                 |            |           |                   |
+#                 |            | Completed |                   |
+#                 |            |           |                   |
+#                 |            +-----------+                   |
+#                 |              ^   |                         |
+#                 |              |   | Timer K                 |
+#                 +--------------+   | -                       |
+#                                    |                         |
+#                                    V                         |
+#              NOTE:           +-----------+                   |
+#                              |           |                   |
+#          transitions         | Terminated|<------------------+
+#          labeled with        |           |
+#          the event           +-----------+
+#          over the action
+#          to take
+#
+# In Completed, retransmitted final responses are absorbed (§17.1.2.2): no row, dropped.
+NON_INVITE_CLIENT: dict[tuple[State, Stimulus], Transition] = {
+    (_T, Timer.E): (_T, (A.SEND_REQUEST,)),
+    (_T, Timer.F): (_X, (A.INFORM_TIMEOUT,)),
+    (_T, Input.TRANSPORT_ERROR): (_X, (A.INFORM_TRANSPORT_ERROR,)),
+    (_T, Input.PROVISIONAL): (_P, (A.PASS_TO_TU,)),
+    (_T, Input.SUCCESS): (_CO, (A.PASS_TO_TU,)),
+    (_T, Input.FAILURE): (_CO, (A.PASS_TO_TU,)),
+    (_P, Timer.E): (_P, (A.SEND_REQUEST,)),
+    (_P, Timer.F): (_X, (A.INFORM_TIMEOUT,)),
+    (_P, Input.TRANSPORT_ERROR): (_X, (A.INFORM_TRANSPORT_ERROR,)),
+    (_P, Input.PROVISIONAL): (_P, (A.PASS_TO_TU,)),
+    (_P, Input.SUCCESS): (_CO, (A.PASS_TO_TU,)),
+    (_P, Input.FAILURE): (_CO, (A.PASS_TO_TU,)),
+    (_CO, Timer.K): (_X, ()),
+}
+
+# RFC 3261 Figure 7: INVITE server transaction (with RFC 6026 §7.1: 2xx -> Accepted, Timer L).
+#
+#                                |INVITE
+#                                |pass INV to TU
+#             INVITE             V send 100 if TU won't in 200ms
+#             send response+-----------+
+#                 +--------|           |--------+101-199 from TU
+#                 |        | Proceeding|        |send response
+#                 +------->|           |<-------+
+#                          |           |          Transport Err.
+#                          |           |          Inform TU
+#                          |           |--------------->+
+#                          +-----------+                |
+#             300-699 from TU |     |2xx from TU        |
+#             send response   |     |send response      |
+#                             |     +------------------>+
+#                             |                         |
+#             INVITE          V          Timer G fires  |
+#             send response+-----------+ send response  |
+#                 +--------|           |--------+       |
+#                 |        | Completed |        |       |
+#                 +------->|           |<-------+       |
+#                          +-----------+                |
+#                             |     |                   |
+#                         ACK |     |                   |
+#                         -   |     +------------------>+
+#                             |        Timer H fires    |
+#                             V        or Transport Err.|
+#                          +-----------+  Inform TU     |
+#                          |           |                |
+#                          | Confirmed |                |
+#                          |           |                |
+#                          +-----------+                |
+#                                |                      |
+#                                |Timer I fires         |
+#                                |-                     |
+#                                |                      |
+#                                V                      |
+#                          +-----------+                |
+#                          |           |                |
+#                          | Terminated|<---------------+
+#                          |           |
+#                          +-----------+
+#
+# RFC 6026 replaces "2xx from TU -> Terminated" by "-> Accepted": the TU sends the 2xx and its
+# retransmissions through the transaction, retransmitted INVITEs are absorbed, a matching ACK
+# goes to the TU, and Timer L (64*T1) leads to Terminated. The 100 Trying is always sent at once
+# (allowed: "send 100 if TU won't in 200ms").
+INVITE_SERVER: dict[tuple[State, Stimulus], Transition] = {
+    (_P, Input.REQUEST): (_P, (A.RESEND_RESPONSE,)),
+    (_P, Input.TU_PROVISIONAL): (_P, (A.SEND_RESPONSE,)),
+    (_P, Input.TU_SUCCESS): (_AC, (A.SEND_RESPONSE,)),
+    (_P, Input.TU_FAILURE): (_CO, (A.SEND_RESPONSE,)),
+    (_P, Input.TRANSPORT_ERROR): (_X, (A.INFORM_TRANSPORT_ERROR,)),
+    (_CO, Input.REQUEST): (_CO, (A.RESEND_RESPONSE,)),
+    (_CO, Timer.G): (_CO, (A.RESEND_RESPONSE,)),
+    (_CO, Input.ACK): (_CF, ()),
+    (_CO, Timer.H): (_X, (A.INFORM_TIMEOUT,)),
+    (_CO, Input.TRANSPORT_ERROR): (_X, (A.INFORM_TRANSPORT_ERROR,)),
+    (_CF, Input.ACK): (_CF, ()),
+    (_CF, Timer.I): (_X, ()),
+    (_AC, Input.REQUEST): (_AC, ()),
+    (_AC, Input.ACK): (_AC, (A.PASS_TO_TU,)),
+    (_AC, Input.TU_SUCCESS): (_AC, (A.SEND_RESPONSE,)),
+    (_AC, Input.TRANSPORT_ERROR): (_AC, (A.INFORM_TRANSPORT_ERROR,)),
+    (_AC, Timer.L): (_X, ()),
+}
+
+# RFC 3261 Figure 8: non-INVITE server transaction.
+#
+#                                   |Request received
+#                                   |pass to TU
+#                                   V
+#                             +-----------+
+#                             |           |
+#                             | Trying    |-------------+
+#                             |           |             |
+#                             +-----------+             |200-699 from TU
+#                                   |                   |send response
+#                                   |1xx from TU        |
+#                                   |send response      |
+#                                   |                   |
+#                Request            V      1xx from TU  |
+#                send response+-----------+send response|
+#                    +--------|           |--------+    |
+#                    |        | Proceeding|        |    |
+#                    +------->|           |<-------+    |
+#             +<--------------|           |             |
+#             |Trnsprt Err    +-----------+             |
+#             |Inform TU            |                   |
+#             |                     |                   |
+#             |                     |200-699 from TU    |
+#             |                     |send response      |
+#             |  Request            V                   |
+#             |  send response+-----------+             |
+#             |      +--------|           |             |
+#             |      |        | Completed |<------------+
+#             |      +------->|           |
+#             +<--------------|           |
+#             |Trnsprt Err    +-----------+
+#             |Inform TU            |
+#             |                     |Timer J fires
+#             |                     |-
+#             |                     |
+#             |                     V
+#             |               +-----------+
+#             |               |           |
+#             +-------------->| Terminated|
+#                             |           |
+#                             +-----------+
+#
+# In Trying a retransmitted request is absorbed (§17.2.2: no response to resend yet): no row.
+NON_INVITE_SERVER: dict[tuple[State, Stimulus], Transition] = {
+    (_T, Input.TU_PROVISIONAL): (_P, (A.SEND_RESPONSE,)),
+    (_T, Input.TU_SUCCESS): (_CO, (A.SEND_RESPONSE,)),
+    (_T, Input.TU_FAILURE): (_CO, (A.SEND_RESPONSE,)),
+    (_P, Input.REQUEST): (_P, (A.RESEND_RESPONSE,)),
+    (_P, Input.TU_PROVISIONAL): (_P, (A.SEND_RESPONSE,)),
+    (_P, Input.TU_SUCCESS): (_CO, (A.SEND_RESPONSE,)),
+    (_P, Input.TU_FAILURE): (_CO, (A.SEND_RESPONSE,)),
+    (_P, Input.TRANSPORT_ERROR): (_X, (A.INFORM_TRANSPORT_ERROR,)),
+    (_CO, Input.REQUEST): (_CO, (A.RESEND_RESPONSE,)),
+    (_CO, Input.TRANSPORT_ERROR): (_X, (A.INFORM_TRANSPORT_ERROR,)),
+    (_CO, Timer.J): (_X, ()),
+}
+
+# Timers started when a state is entered; leaving a state cancels every timer not listed for
+# the new state in _LIVE (Trying -> Proceeding keeps E and F running, §17.1.2.2).
+_ENTRY_TIMERS: dict[State, tuple[Timer, ...]] = {
+    _C: (Timer.A, Timer.B),
+    _T: (Timer.E, Timer.F),
+    _CO: (Timer.D, Timer.K, Timer.G, Timer.H, Timer.J),
+    _CF: (Timer.I,),
+    _AC: (Timer.L, Timer.M),
+}
+_LIVE: dict[State, frozenset[Timer]] = {
+    _C: frozenset({Timer.A, Timer.B}),
+    _T: frozenset({Timer.E, Timer.F}),
+    _P: frozenset({Timer.E, Timer.F}),
+    _CO: frozenset({Timer.D, Timer.K, Timer.G, Timer.H, Timer.J}),
+    _CF: frozenset({Timer.I}),
+    _AC: frozenset({Timer.L, Timer.M}),
+    _X: frozenset(),
+}
+# Retransmission timers exist only over unreliable transports (§17.1.1.2, §17.1.2.2, §17.2.1).
+_RETRANSMIT_TIMERS = frozenset({Timer.A, Timer.E, Timer.G})
+# Timers whose only purpose is to absorb retransmissions: zero over reliable transports.
+_ABSORB_TIMERS = frozenset({Timer.D, Timer.I, Timer.J, Timer.K})
+
+
+# --- Keys and events -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionKey:
+    """What identifies a transaction. Clients: branch + CSeq method (§17.1.3). Servers: branch
+    + sent-by + method, with ACK folded into INVITE (§17.2.3); for an RFC 2543 peer (no magic
+    cookie) `branch` holds the fallback identity instead (Request-URI, Call-ID, From tag, CSeq
+    number, top Via), which no real branch can equal since those start with the cookie."""
+
+    server: bool
+    method: str
+    branch: str
+    sent_by: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SendMessage:
+    """Transport: send `message` to `destination` (opaque: what the adapter gave us)."""
+
+    key: TransactionKey | None
+    message: SipMessage
+    destination: object
+    reliable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    """TU: a new request with its server transaction. For a CANCEL, `cancels` is the key of
+    the INVITE server transaction it matches (§9.2), or None (answer 481)."""
+
+    key: TransactionKey
+    request: SipRequest
+    source: object
+    cancels: TransactionKey | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AckReceived:
+    """TU: an ACK for a 2xx (§13.3.1.4), either outside any transaction (`key` None, the
+    RFC 3261 case: the ACK for a 2xx has its own branch) or matching an Accepted one."""
+
+    key: TransactionKey | None
+    request: SipRequest
+    source: object
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseReceived:
+    """TU: a response for client transaction `key` (1xx, the final one, 2xx retransmissions)."""
+
+    key: TransactionKey
+    response: SipResponse
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionTimeout:
+    """TU: a timer gave up. Client (B, F): `response` is a local 408, to be treated as if
+    received (§8.1.3.1). INVITE server (H): no ACK came; `response` is None."""
+
+    key: TransactionKey
+    response: SipResponse | None
+
+
+@dataclass(frozen=True, slots=True)
+class TransportFailure:
+    """TU: the transport could not send. Client: `response` is a local 503 (§8.1.3.1)."""
+
+    key: TransactionKey
+    response: SipResponse | None
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionTerminated:
+    key: TransactionKey
+
+
+Event = (
+    SendMessage
+    | RequestReceived
+    | AckReceived
+    | ResponseReceived
+    | TransactionTimeout
+    | TransportFailure
+    | TransactionTerminated
+)
+
+
+@dataclass(slots=True)
+class TransactionStatistics:
+    """Counters since the layer was created; `active` is the current number of transactions."""
+
+    active: int = 0
+    client_created: int = 0
+    server_created: int = 0
+    terminated: int = 0
+    retransmissions_sent: int = 0
+    retransmissions_absorbed: int = 0
+    stray_responses: int = 0
+    stray_acks: int = 0
+    ignored: int = 0
+    timeouts: int = 0
+    transport_errors: int = 0
+    overload_refused: int = 0
+    malformed: int = 0
+
+
+def make_branch(random_bytes: Callable[[int], bytes] = secrets.token_bytes) -> str:
+    """A Via branch with the magic cookie (§8.1.1.7) and 80 random bits from `random_bytes`."""
+    return MAGIC_COOKIE + random_bytes(10).hex()
+
+
+def _response_input(status: int) -> Input:
+    if status < 200:
+        return Input.PROVISIONAL
+    return Input.SUCCESS if status < 300 else Input.FAILURE
+
+
+def _tu_input(status: int) -> Input:
+    if status < 200:
+        return Input.TU_PROVISIONAL
+    return Input.TU_SUCCESS if status < 300 else Input.TU_FAILURE
+
+
+# --- The machines ----------------------------------------------------------------------------
+
+
+class Transaction:
+    """One transaction: the executor of a table. Use the four subclasses.
+
+    Every method returns the events it caused, in order. A remote input that the table has no
+    row for (a late retransmission, a 1xx after the final response) is dropped and counted in
+    `ignored`; a TU input without a row is a `TransactionError`.
+    """
+
+    TABLE: ClassVar[dict[tuple[State, Stimulus], Transition]]
+    INITIAL: ClassVar[State]
+    TIMERS: ClassVar[frozenset[Timer]]
+    server: ClassVar[bool]
+
+    def __init__(
+        self,
+        key: TransactionKey,
+        request: SipRequest,
+        peer: object,
+        *,
+        reliable: bool,
+        timers: TimerConfig = DEFAULT_TIMERS,
+    ) -> None:
+        self.key = key
+        self.request = request
+        self.peer = peer
+        """Client: where the request goes. Server: where the request came from."""
+        self.reliable = reliable
+        self.timers = timers
+        self.state = self.INITIAL
+        self.last_response: SipResponse | None = None
+        self.retransmissions = 0
+        self.ignored = 0
+        self._deadlines: dict[Timer, float] = {}
+        self._intervals: dict[Timer, float] = {}
+        self._ack: SipRequest | None = None
+        self._out: list[Event] = []
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.key.method} {self.key.branch} {self.state.name}>"
+
+    @property
+    def terminated(self) -> bool:
+        return self.state is State.TERMINATED
+
+    def get_timer(self) -> float | None:
+        """When `handle_timer` must next be called, or None."""
+        return min(self._deadlines.values()) if self._deadlines else None
+
+    def handle_timer(self, now: float) -> list[Event]:
+        """Fire every timer due at `now`, earliest first."""
+        while self._deadlines:
+            timer, deadline = min(self._deadlines.items(), key=lambda item: item[1])
+            if deadline > now:
+                break
+            del self._deadlines[timer]
+            self._step(timer, now, None)
+        return self._flush()
+
+    def transport_error(self, now: float) -> list[Event]:
+        """The transport failed to send one of this transaction's messages."""
+        self._step(Input.TRANSPORT_ERROR, now, None)
+        return self._flush()
+
+    # -- the executor --
+
+    def _flush(self) -> list[Event]:
+        out, self._out = self._out, []
+        return out
+
+    def _step(self, stimulus: Stimulus, now: float, message: SipMessage | None) -> bool:
+        row = self.TABLE.get((self.state, stimulus))
+        if row is None:
+            return False
+        new_state, actions = row
+        for action in actions:
+            self._act(action, message)
+        if isinstance(stimulus, Timer) and new_state is self.state:
+            self._rearm(stimulus, now)
+        if new_state is not self.state:
+            self._enter(new_state, now)
+        return True
+
+    def _enter(self, state: State, now: float) -> None:
+        self.state = state
+        live = _LIVE[state]
+        for timer in [t for t in self._deadlines if t not in live]:
+            del self._deadlines[timer]
+        if state is State.TERMINATED:
+            self._out.append(TransactionTerminated(self.key))
+            return
+        immediate: list[Timer] = []
+        for timer in _ENTRY_TIMERS.get(state, ()):
+            if timer not in self.TIMERS:
+                continue
+            if timer in _RETRANSMIT_TIMERS and self.reliable:
+                continue
+            duration = self._duration(timer)
+            if duration <= 0:
+                immediate.append(timer)
+                continue
+            self._intervals[timer] = duration
+            self._deadlines[timer] = now + duration
+        for timer in immediate:
+            # §17: "Timer D/I/J/K ... zero seconds for reliable transports": leave at once.
+            if self.state is state:
+                self._step(timer, now, None)
+
+    def _duration(self, timer: Timer) -> float:
+        t = self.timers
+        if timer in _ABSORB_TIMERS and self.reliable:
+            return 0.0
+        if timer in (Timer.A, Timer.E, Timer.G):
+            return t.t1
+        if timer is Timer.D:
+            return t.timer_d
+        if timer in (Timer.I, Timer.K):
+            return t.t4
+        return 64 * t.t1  # B, F, H, J, L, M
+
+    def _rearm(self, timer: Timer, now: float) -> None:
+        interval = self._intervals.get(timer, self.timers.t1)
+        if timer is Timer.A:
+            # §17.1.1.2: Timer A doubles each time, without cap (Timer B ends it).
+            interval *= 2
+        elif timer is Timer.E and self.state is State.PROCEEDING:
+            # §17.1.2.2: in Proceeding, retransmit every T2.
+            interval = self.timers.t2
+        else:
+            # §17.1.2.2 (E) and §17.2.1 (G): double up to T2.
+            interval = min(interval * 2, self.timers.t2)
+        self._intervals[timer] = interval
+        self._deadlines[timer] = now + interval
+
+    def _act(self, action: Action, message: SipMessage | None) -> None:
+        key = self.key
+        if action is Action.SEND_REQUEST:
+            self.retransmissions += 1
+            self._send(self.request)
+        elif action is Action.SEND_ACK:
+            assert isinstance(message, SipResponse)
+            if self._ack is None or self._ack.to_tag != message.to_tag:
+                self._ack = make_ack_for_failure(self.request, message)
+            else:
+                self.retransmissions += 1
+            self._send(self._ack)
+        elif action is Action.PASS_TO_TU:
+            if isinstance(message, SipResponse):
+                self._out.append(ResponseReceived(key, message))
+            else:
+                assert isinstance(message, SipRequest)
+                self._out.append(AckReceived(key, message, self.peer))
+        elif action is Action.SEND_RESPONSE:
+            assert isinstance(message, SipResponse)
+            self.last_response = message
+            self._send(message)
+        elif action is Action.RESEND_RESPONSE:
+            if self.last_response is not None:
+                self.retransmissions += 1
+                self._send(self.last_response)
+        elif action is Action.INFORM_TIMEOUT:
+            response = None if self.server else make_response(self.request, 408)
+            self._out.append(TransactionTimeout(key, response))
+        elif action is Action.INFORM_TRANSPORT_ERROR:
+            response = None if self.server else make_response(self.request, 503)
+            self._out.append(TransportFailure(key, response))
+
+    def _send(self, message: SipMessage) -> None:
+        self._out.append(SendMessage(self.key, message, self.peer, self.reliable))
+
+
+class ClientTransaction(Transaction):
+    server = False
+
+    def start(self, now: float) -> list[Event]:
+        """Send the request and start the timers of the initial state."""
+        self._send(self.request)
+        self._enter(self.INITIAL, now)
+        return self._flush()
+
+    def receive(self, response: SipResponse, now: float) -> list[Event]:
+        """A response matched to this transaction."""
+        if not self._step(_response_input(response.status), now, response):
+            self.ignored += 1
+        return self._flush()
+
+
+class ServerTransaction(Transaction):
+    server = True
+
+    def start(self, now: float, source: object) -> list[Event]:
+        """Hand the request to the TU (and, for an INVITE, answer 100 Trying at once)."""
+        self._enter(self.INITIAL, now)
+        self._out.append(RequestReceived(self.key, self.request, source))
+        return self._flush()
+
+    def receive(self, request: SipRequest, now: float) -> list[Event]:
+        """The request again, or (INVITE) its ACK."""
+        stimulus = Input.ACK if request.method == "ACK" else Input.REQUEST
+        if not self._step(stimulus, now, request):
+            self.ignored += 1
+        return self._flush()
+
+    def send_response(self, response: SipResponse, now: float) -> list[Event]:
+        """The TU answers. Raises `TransactionError` when this state takes no such response."""
+        if response.status == 100 and self.key.method == "INVITE":
+            raise TransactionError("the INVITE server transaction sends 100 Trying itself")
+        if not self._step(_tu_input(response.status), now, response):
+            raise TransactionError(
+                f"{self!r} cannot send a {response.status} in state {self.state.name}"
+            )
+        return self._flush()
+
+
+class InviteClientTransaction(ClientTransaction):
+    TABLE = INVITE_CLIENT
+    INITIAL = State.CALLING
+    TIMERS = frozenset({Timer.A, Timer.B, Timer.D, Timer.M})
+
+
+class NonInviteClientTransaction(ClientTransaction):
+    TABLE = NON_INVITE_CLIENT
+    INITIAL = State.TRYING
+    TIMERS = frozenset({Timer.E, Timer.F, Timer.K})
+
+
+class InviteServerTransaction(ServerTransaction):
+    TABLE = INVITE_SERVER
+    INITIAL = State.PROCEEDING
+    TIMERS = frozenset({Timer.G, Timer.H, Timer.I, Timer.L})
+
+    def start(self, now: float, source: object) -> list[Event]:
+        # §17.2.1: a 100 Trying stops the client's INVITE retransmissions; sending it at once
+        # means the TU never needs to answer within 200 ms.
+        trying = make_response(self.request, 100)
+        self.last_response = trying
+        self._send(trying)
+        return super().start(now, source)
+
+
+class NonInviteServerTransaction(ServerTransaction):
+    TABLE = NON_INVITE_SERVER
+    INITIAL = State.TRYING
+    TIMERS = frozenset({Timer.J})
+
+
+def make_ack_for_failure(invite: SipRequest, response: SipResponse) -> SipRequest:
+    """The ACK an INVITE client transaction sends for a 300-699 (§17.1.1.3): Request-URI,
+    Call-ID, From, top Via, Route and CSeq number of the INVITE, To of the response."""
+    headers = Headers()
+    headers.add("Via", str(invite.top_via))
+    for name in ("Route",):
+        for value in invite.headers.get_all(name):
+            headers.add(name, value)
+    headers.add("Max-Forwards", "70")
+    from_ = invite.headers.get("From")
+    to = response.headers.get("To")
+    assert from_ is not None and to is not None  # validated messages
+    headers.add("From", from_)
+    headers.add("To", to)
+    headers.add("Call-ID", invite.call_id)
+    headers.add("CSeq", f"{invite.cseq.seq} ACK")
+    return SipRequest("ACK", invite.uri, headers)
+
+
+def make_cancel(request: SipRequest) -> SipRequest:
+    """The CANCEL for a pending request (§9.1): same Request-URI, Call-ID, From, To, CSeq
+    number, Route and top Via (so the same branch) as the request it cancels."""
+    headers = Headers()
+    headers.add("Via", str(request.top_via))
+    for value in request.headers.get_all("Route"):
+        headers.add("Route", value)
+    headers.add("Max-Forwards", "70")
+    for name in ("From", "To"):
+        copied = request.headers.get(name)
+        assert copied is not None  # validated messages
+        headers.add(name, copied)
+    headers.add("Call-ID", request.call_id)
+    headers.add("CSeq", f"{request.cseq.seq} CANCEL")
+    return SipRequest("CANCEL", request.uri, headers)
+
+
+# --- The layer -------------------------------------------------------------------------------
+
+
+def _sent_by(via: Via) -> str:
+    return f"{via.host.lower()}:{via.port or ''}"
+
+
+def server_key(request: SipRequest) -> TransactionKey:
+    """The server transaction a request belongs to (§17.2.3). ACK maps to its INVITE."""
+    via = request.top_via
+    method = "INVITE" if request.method == "ACK" else request.method
+    branch = via.branch
+    if branch is not None and branch.startswith(MAGIC_COOKIE):
+        return TransactionKey(True, method, branch, _sent_by(via))
+    # §17.2.3 RFC 2543 fallback: same Request-URI, From tag, Call-ID, CSeq number and top Via
+    # (the To tag is checked separately for an ACK, which carries the tag of our response).
+    cseq = request.cseq
+    legacy = "\x00".join(
+        (request.uri, request.call_id, request.from_tag or "", str(cseq.seq), str(via))
+    )
+    return TransactionKey(True, method, legacy, "")
+
+
+def client_key(message: SipMessage) -> TransactionKey:
+    """The client transaction a response (or our own request) belongs to (§17.1.3)."""
+    return TransactionKey(False, message.cseq.method, message.branch or "", "")
+
+
+_CLASSES: dict[tuple[bool, bool], type[Transaction]] = {
+    (False, True): InviteClientTransaction,
+    (False, False): NonInviteClientTransaction,
+    (True, True): InviteServerTransaction,
+    (True, False): NonInviteServerTransaction,
+}
+
+
+@dataclass(slots=True)
+class _Deadline:
+    when: float
+    order: int
+    key: TransactionKey = field(compare=False)
+
+    def __lt__(self, other: _Deadline) -> bool:
+        return (self.when, self.order) < (other.when, other.order)
+
+
+class TransactionLayer:
+    """All transactions of one SIP endpoint, keyed for O(1) matching, with one timer heap.
+
+    When `max_transactions` are live, a new request (except ACK, which is never answered) gets
+    a stateless 503 with Retry-After instead of a transaction: the client learns to back off
+    (§21.5.4) instead of retransmitting at us for 32 s, and the answer is no larger than the
+    request, so it amplifies nothing. Dropping would cost us the same parse on every
+    retransmission. A TU that starts a client transaction then gets `OverloadError`.
+    """
+
+    def __init__(
+        self,
+        *,
+        timers: TimerConfig = DEFAULT_TIMERS,
+        max_transactions: int = 10_000,
+        retry_after: int = 5,
+        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.timers = timers
+        self.max_transactions = max_transactions
+        self.retry_after = retry_after
+        self._random_bytes = random_bytes
+        self._logger = logger or logging.getLogger(__name__)
+        self._transactions: dict[TransactionKey, Transaction] = {}
+        self._heap: list[_Deadline] = []
+        self._scheduled: dict[TransactionKey, float] = {}
+        self._order = 0
+        self._stats = TransactionStatistics()
+
+    def __len__(self) -> int:
+        return len(self._transactions)
+
+    def get(self, key: TransactionKey) -> Transaction | None:
+        return self._transactions.get(key)
+
+    def new_branch(self) -> str:
+        return make_branch(self._random_bytes)
+
+    def statistics(self) -> TransactionStatistics:
+        stats = self._stats
+        stats.active = len(self._transactions)
+        return dataclasses.replace(stats)
+
+    # -- TU side --
+
+    def send_request(
+        self, request: SipRequest, now: float, destination: object, *, reliable: bool
+    ) -> tuple[TransactionKey, list[Event]]:
+        """Start a client transaction for `request`, whose top Via must carry a fresh branch
+        (`new_branch()`). An ACK is no transaction: send it directly (§17.1.1.3)."""
+        if request.method == "ACK":
+            raise TransactionError("ACK is not sent through a client transaction")
+        branch = request.branch
+        if branch is None or not branch.startswith(MAGIC_COOKIE):
+            raise TransactionError("a client request needs a branch with the magic cookie")
+        key = client_key(request)
+        if key in self._transactions:
+            raise TransactionError(f"branch {branch} is already in use for {key.method}")
+        if len(self._transactions) >= self.max_transactions:
+            raise OverloadError(f"{len(self._transactions)} transactions already")
+        cls = _CLASSES[(False, request.method == "INVITE")]
+        transaction = cls(key, request, destination, reliable=reliable, timers=self.timers)
+        assert isinstance(transaction, ClientTransaction)
+        self._transactions[key] = transaction
+        self._stats.client_created += 1
+        return key, self._after(transaction, transaction.start(now))
+
+    def send_response(self, key: TransactionKey, response: SipResponse, now: float) -> list[Event]:
+        """The TU answers server transaction `key`."""
+        transaction = self._transactions.get(key)
+        if not isinstance(transaction, ServerTransaction):
+            raise TransactionError(f"no server transaction {key}")
+        return self._after(transaction, transaction.send_response(response, now))
+
+    def transport_error(self, key: TransactionKey, now: float) -> list[Event]:
+        """The transport failed to send a message of transaction `key` (from `SendMessage`)."""
+        transaction = self._transactions.get(key)
+        if transaction is None:
+            return []
+        self._stats.transport_errors += 1
+        return self._after(transaction, transaction.transport_error(now))
+
+    # -- network side --
+
+    def receive(
+        self, message: SipMessage, now: float, source: object, *, reliable: bool
+    ) -> list[Event]:
+        """A validated message from `source`, which is where responses to it will go."""
+        try:
+            if isinstance(message, SipResponse):
+                return self._receive_response(message, now)
+            return self._receive_request(message, now, source, reliable)
+        except SipParseError as exc:
+            # Not validated by the adapter; a transaction layer never answers for that.
+            self._stats.malformed += 1
+            self._logger.debug("SIP transaction layer dropped a malformed message: %s", exc)
+            return []
+
+    def _receive_response(self, response: SipResponse, now: float) -> list[Event]:
+        transaction = self._transactions.get(client_key(response))
+        if not isinstance(transaction, ClientTransaction):
+            # RFC 6026 §7.2: a response matching no client transaction is discarded.
+            self._stats.stray_responses += 1
+            return []
+        return self._after(transaction, transaction.receive(response, now))
+
+    def _receive_request(
+        self, request: SipRequest, now: float, source: object, reliable: bool
+    ) -> list[Event]:
+        key = server_key(request)
+        transaction = self._transactions.get(key)
+        if request.method == "ACK" and (
+            transaction is None or not self._ack_matches(transaction, request)
+        ):
+            # §17.2.3: the ACK for a 2xx has its own branch and belongs to the TU.
+            self._stats.stray_acks += 1
+            return [AckReceived(None, request, source)]
+        if transaction is not None:
+            assert isinstance(transaction, ServerTransaction)
+            if request.method != "ACK":
+                self._stats.retransmissions_absorbed += 1
+            return self._after(transaction, transaction.receive(request, now))
+        if len(self._transactions) >= self.max_transactions:
+            self._stats.overload_refused += 1
+            self._logger.debug("SIP transaction limit reached: 503 to %s", request.method)
+            refusal = make_response(request, 503, headers=[("Retry-After", str(self.retry_after))])
+            return [SendMessage(None, refusal, source, reliable)]
+        cls = _CLASSES[(True, request.method == "INVITE")]
+        transaction = cls(key, request, source, reliable=reliable, timers=self.timers)
+        assert isinstance(transaction, ServerTransaction)
+        self._transactions[key] = transaction
+        self._stats.server_created += 1
+        events = transaction.start(now, source)
+        if request.method == "CANCEL":
+            # §9.2: the CANCEL matches the INVITE whose transaction its own key would name.
+            invite_key = TransactionKey(True, "INVITE", key.branch, key.sent_by)
+            if invite_key in self._transactions:
+                events = [
+                    RequestReceived(e.key, e.request, e.source, invite_key)
+                    if isinstance(e, RequestReceived)
+                    else e
+                    for e in events
+                ]
+        return self._after(transaction, events)
+
+    @staticmethod
+    def _ack_matches(transaction: Transaction, ack: SipRequest) -> bool:
+        if transaction.key.sent_by:  # cookie branch: the key says it all
+            return True
+        # §17.2.3 RFC 2543: the ACK's To tag must be the one of the response we sent.
+        sent = transaction.last_response
+        return sent is not None and sent.to_tag == ack.to_tag
+
+    # -- timers --
+
+    def get_timer(self) -> float | None:
+        """The earliest timer of any transaction, or None."""
+        heap = self._heap
+        while heap:
+            head = heap[0]
+            if self._scheduled.get(head.key) == head.when:
+                return head.when
+            heapq.heappop(heap)  # stale: rescheduled or gone
+        return None
+
+    def handle_timer(self, now: float) -> list[Event]:
+        """Run every transaction timer due at `now`."""
+        events: list[Event] = []
+        while True:
+            when = self.get_timer()
+            if when is None or when > now:
+                return events
+            key = heapq.heappop(self._heap).key
+            del self._scheduled[key]
+            transaction = self._transactions[key]
+            events.extend(self._after(transaction, transaction.handle_timer(now)))
+
+    def _after(self, transaction: Transaction, events: list[Event]) -> list[Event]:
+        """Book-keeping after a transaction moved: counters, timer heap, removal."""
+        key = transaction.key
+        stats = self._stats
+        stats.retransmissions_sent += transaction.retransmissions
+        transaction.retransmissions = 0
+        stats.ignored += transaction.ignored
+        transaction.ignored = 0
+        for event in events:
+            if isinstance(event, TransactionTimeout):
+                stats.timeouts += 1
+        if transaction.terminated:
+            if self._transactions.pop(key, None) is not None:
+                stats.terminated += 1
+            self._scheduled.pop(key, None)
+            return events
+        when = transaction.get_timer()
+        if when is None:
+            self._scheduled.pop(key, None)
+        elif self._scheduled.get(key) != when:
+            self._scheduled[key] = when
+            self._order += 1
+            heapq.heappush(self._heap, _Deadline(when, self._order, key))
+            if len(self._heap) > 4 * len(self._scheduled) + 64:
+                self._compact()
+        return events
+
+    def _compact(self) -> None:
+        self._heap = [d for d in self._heap if self._scheduled.get(d.key) == d.when]
+        heapq.heapify(self._heap)
