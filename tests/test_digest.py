@@ -306,9 +306,12 @@ def verify(verifier: DigestVerifier, value: str | None, now: float, **kw: str) -
 
 
 def test_challenges_offer_sha256_first() -> None:
-    verifier = make_verifier(algorithms=("md5", "SHA-256"))
-    values = verifier.challenges(10.0)
-    assert verifier.algorithms == ("MD5", "SHA-256")
+    verifier = make_verifier(algorithms=("md5", "SHA-256", "MD5"))
+    assert verifier.algorithms == ("SHA-256", "MD5")
+    assert [parse_challenge_untrusted(v).algorithm for v in verifier.challenges(10.0)] == [
+        "SHA-256",
+        "MD5",
+    ]
     values = make_verifier().challenges(10.0)
     parsed = [parse_challenge_untrusted(v) for v in values]
     assert [c.algorithm for c in parsed] == ["SHA-256", "MD5"]

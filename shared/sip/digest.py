@@ -398,7 +398,10 @@ class DigestVerifier:
         self._secret = secret
         self.realm = realm
         self.nonce_lifetime = nonce_lifetime
-        self.algorithms: tuple[str, ...] = tuple(name for name in canonical if name is not None)
+        # RFC 8760 §2.4: challenges in order of preference, the strongest (SHA-256) first.
+        self.algorithms: tuple[str, ...] = tuple(
+            sorted({name for name in canonical if name is not None}, key=ALGORITHMS.index)
+        )
         self.allow_no_qop = allow_no_qop
         self._max_tracked = max_tracked_nonces
         # The instance tag tells this verifier's nonces from an earlier one's with the same
