@@ -73,6 +73,11 @@ CREATE TABLE IF NOT EXISTS office_log (
 """
 
 
+# sqlite primary result codes that mean the file or the disk, not our SQL: BUSY, LOCKED,
+# READONLY, IOERR, FULL, CANTOPEN (https://sqlite.org/rescode.html).
+_NOT_OUR_BUG = {5, 6, 8, 10, 13, 14}
+
+
 class StoreError(Exception):
     """An operator asked for something the data does not allow (names the office or ext)."""
 
@@ -123,12 +128,15 @@ class MainStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.Error as exc:  # unwritable directory, not a database, ...
+            raise StoreError(f"cannot open the database {path}: {exc}") from None
         with self._write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -147,13 +155,20 @@ class MainStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                if self._db.in_transaction:  # COMMIT itself failed
+                    self._db.execute("ROLLBACK")
+                if exc.sqlite_errorcode & 0xFF not in _NOT_OUR_BUG:
+                    raise
+                raise StoreError(f"cannot write to the database {self.path}: {exc}") from None
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
