@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -400,3 +401,30 @@ def test_delta_from_any_base_reaches_the_snapshot(tmp_path_factory, ops):
             assert reached == {e.ext: e for e in current.entries}
     finally:
         store.close()
+
+
+# --- a database the operator broke: a clear StoreError, never a sqlite traceback ---
+
+
+def test_not_a_database_is_a_store_error(tmp_path):
+    (tmp_path / DB_NAME).write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(StoreError, match=re.escape(str(tmp_path / DB_NAME))):
+        MainStore(tmp_path / DB_NAME)
+
+
+def test_missing_directory_is_a_store_error(tmp_path):
+    with pytest.raises(StoreError, match="cannot open"):
+        MainStore(tmp_path / "nowhere" / DB_NAME)
+
+
+def test_read_only_database_is_a_store_error(tmp_path):
+    from tests.hosthelpers import read_only
+
+    store = MainStore(tmp_path / DB_NAME)
+    store.close()
+    with (
+        read_only(tmp_path / DB_NAME, tmp_path),
+        pytest.raises(StoreError, match=r"cannot (write to|open) the database"),
+    ):
+        again = MainStore(tmp_path / DB_NAME)
+        again.add_office("lyon", "2000-2099", 100)
