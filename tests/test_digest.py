@@ -18,6 +18,7 @@ from shared.sip.digest import (
     ha1,
     parse_authorization_untrusted,
     parse_challenge_untrusted,
+    select_challenge,
 )
 
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -628,3 +629,72 @@ def test_non_ascii_response_is_bad_not_a_crash() -> None:
     response = parse_authorization_untrusted(value).response
     forged = value.replace(response, "é" * len(response))
     assert verify(verifier, forged, 1.0).status == "bad"
+
+
+def test_select_challenge_prefers_the_strongest_answerable() -> None:
+    md5 = Challenge(realm="r", nonce="n", algorithm="MD5", qop=("auth",))
+    sha = Challenge(realm="r", nonce="n", algorithm="SHA-256", qop=("auth",))
+    sha_sess = Challenge(realm="r", nonce="n", algorithm="SHA-256-sess", qop=("auth",))
+    unknown = Challenge(realm="r", nonce="n", algorithm="SHA-512-256", qop=("auth",))
+    auth_int = Challenge(realm="r", nonce="n", algorithm="SHA-256", qop=("auth-int",))
+    sess_no_qop = Challenge(realm="r", nonce="n", algorithm="MD5-sess")
+    rfc2069 = Challenge(realm="r", nonce="n")
+    assert select_challenge([md5, sha]) is sha
+    assert select_challenge([unknown, md5]) is md5
+    assert select_challenge([sha_sess, md5]) is sha_sess
+    assert select_challenge([auth_int, rfc2069]) is rfc2069
+    assert select_challenge([unknown, auth_int, sess_no_qop]) is None
+    assert select_challenge([]) is None
+    # Whatever is selected can be answered.
+    for challenge in (sha, md5, sha_sess, rfc2069):
+        answer_challenge(
+            challenge, method="REGISTER", uri="sip:r", username="u", password="p", cnonce="c", nc=1
+        )
+
+
+def test_softphone_against_verifier_with_selection() -> None:
+    """The whole client path: parse every challenge value, select, answer, verify."""
+    verifier = make_verifier()
+    result = verify(verifier, None, 0.0)
+    chosen = select_challenge([parse_challenge_untrusted(v) for v in result.challenges])
+    assert chosen is not None
+    assert chosen.algorithm == "SHA-256"
+    for nc in (1, 2, 3):
+        value = answer_challenge(
+            chosen,
+            method="REGISTER",
+            uri=URI,
+            username="202",
+            password="pässword",
+            cnonce="abc",
+            nc=nc,
+        )
+        assert verify(verifier, value, float(nc)).ok
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "hash_name"), [("MD5-sess", "md5"), ("SHA-256-sess", "sha256")]
+)
+def test_sess_response_formula(algorithm: str, hash_name: str) -> None:
+    """RFC 7616 §3.4.2: for -sess, HA1 = H(H(user:realm:pass):nonce:cnonce)."""
+    import hashlib
+
+    def h(text: str) -> str:
+        return hashlib.new(hash_name, text.encode()).hexdigest()
+
+    challenge = parse_challenge_untrusted(f"Digest {RFC7616_CHALLENGE_TAIL}, algorithm={algorithm}")
+    value = answer_challenge(
+        challenge,
+        method="GET",
+        uri="/dir/index.html",
+        username="Mufasa",
+        password="Circle of Life",
+        cnonce=RFC7616_CNONCE,
+        nc=1,
+    )
+    nonce = challenge.nonce
+    session_ha1 = h(f"{h('Mufasa:http-auth@example.org:Circle of Life')}:{nonce}:{RFC7616_CNONCE}")
+    ha2 = h("GET:/dir/index.html")
+    expected = h(f"{session_ha1}:{nonce}:00000001:{RFC7616_CNONCE}:auth:{ha2}")
+    assert response_of(value) == expected
+    assert f"algorithm={algorithm}" in value

@@ -19,7 +19,7 @@ import re
 import secrets
 import struct
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +36,7 @@ __all__ = [
     "ha1",
     "parse_authorization_untrusted",
     "parse_challenge_untrusted",
+    "select_challenge",
 ]
 
 
@@ -211,6 +212,26 @@ def parse_challenge_untrusted(value: str) -> Challenge:
         # RFC 7616 §3.3: stale is "true" case-insensitively; anything else is false.
         stale=params.get("stale", "").lower() == "true",
     )
+
+
+def _answerable(challenge: Challenge) -> bool:
+    algorithm = _canonical_algorithm(challenge.algorithm)
+    if algorithm is None:
+        return False
+    if challenge.qop:
+        return "auth" in challenge.qop
+    return not algorithm.endswith("-sess")
+
+
+def select_challenge(challenges: Sequence[Challenge]) -> Challenge | None:
+    """The challenge to answer among those of one response (one per algorithm, RFC 8760 §2.4).
+
+    The strongest we can answer wins (SHA-256 before MD5); None if we can answer none.
+    """
+    usable = [c for c in challenges if _answerable(c)]
+    if not usable:
+        return None
+    return min(usable, key=lambda c: ALGORITHMS.index(_canonical_algorithm(c.algorithm) or "MD5"))
 
 
 def answer_challenge(
