@@ -206,23 +206,29 @@ def _probe_blocking(
             local_ip = str(scout.getsockname()[0])
     except (OSError, UnicodeError, IndexError) as exc:
         return NatProbeResult(NAT_UNKNOWN, None, None, f"no route to STUN server {host}: {exc}")
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+        guarded = _GuardedSocket(raw, deadline, stop)
+        try:
             raw.settimeout(attempt_timeout)
             raw.bind((local_ip, 0))
-            guarded = _GuardedSocket(raw, deadline, stop)
             nat_type, _ = pystun3.get_nat_type(
                 guarded, local_ip, raw.getsockname()[1], stun_host=server_ip, stun_port=port
             )
-    except _ProbeStopped as exc:
-        if exc.args:
-            return NatProbeResult(NAT_UNKNOWN, None, None, str(exc.args[0]))
-        return NatProbeResult(NAT_TIMEOUT, None, None, "NAT probe stopped at its deadline")
-    except Exception as exc:  # pystun3 trips over unexpected replies with KeyError and the like
-        return NatProbeResult(NAT_UNKNOWN, None, None, f"pystun3 failed: {exc!r}")
+        except _ProbeStopped as exc:
+            mapped = guarded.first_mapped
+            ip, mapped_port = (mapped.ip, mapped.port) if mapped else (None, None)
+            if exc.args:
+                return NatProbeResult(NAT_UNKNOWN, ip, mapped_port, str(exc.args[0]))
+            return NatProbeResult(NAT_TIMEOUT, ip, mapped_port, "NAT probe stopped at its deadline")
+        except OSError as exc:
+            return NatProbeResult(NAT_UNKNOWN, None, None, f"socket error: {exc}")
+        except Exception as exc:  # pystun3 trips over unexpected replies with KeyError and such
+            return NatProbeResult(NAT_UNKNOWN, None, None, f"pystun3 failed: {exc!r}")
     mapped = guarded.first_mapped
-    if nat_type == pystun3.Blocked or mapped is None:
+    if nat_type == pystun3.Blocked:
         return NatProbeResult(NAT_TIMEOUT, None, None, f"no answer from STUN server {host}:{port}")
+    if mapped is None:
+        return NatProbeResult(NAT_UNKNOWN, None, None, "the STUN answers had no MAPPED-ADDRESS")
     if nat_type == pystun3.ChangedAddressError:
         return NatProbeResult(
             NAT_UNKNOWN, mapped.ip, mapped.port, "no answer from the STUN server's other address"
