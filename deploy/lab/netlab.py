@@ -37,7 +37,7 @@ link-local address appears.
 
 API
 ---
-    Lab(offices=0, *, symmetric=(), different_subnets=False, hosts=())  builds a lab now; a
+    Lab(offices=1, *, symmetric=(), different_subnets=False, hosts=())  builds a lab now; a
         context manager. `symmetric` holds office numbers (1-based); `hosts` names LAN hosts to
         add to every office.
       .id, .prefix ("bpx<id>-"), .internet_ns, .gateway_address, .main_ns, .main_addresses,
@@ -49,7 +49,7 @@ API
     Office: .index, .name ("o<k>"), .router_ns, .public_address, .lan_subnet,
       .router_lan_address, .symmetric, .hosts, .host(name), .add_host(name) -> Host,
       .cut_wan(), .restore_wan(), .wan_is_cut(), .new_public_address(address=None) -> str,
-      .set_loss(percent), .flush_conntrack(), .run(argv, **kw), .popen(argv, **kw).
+      .set_loss(percent), .loss_percent(), .flush_conntrack(), .run(argv, **kw), .popen(argv, **kw).
     Host: .name, .ns, .address, .office, .run(argv, **kw), .popen(argv, **kw).
     check_requirements() raises NotRootError / LabError naming what is missing;
     cleanup_stale() -> ids removed; destroy_lab(id); list_labs() -> [LabRecord].
@@ -412,6 +412,11 @@ class Office:
             stdin=rules + "COMMIT\n",
         )
 
+    def loss_percent(self) -> float:
+        """The loss `set_loss` configured (iptables keeps the probability in 2**-31 steps)."""
+        found = re.search(r"--probability (\S+)", _iptables(self.router_ns, "-S", LOSS_CHAIN))
+        return round(float(found.group(1)) * 100, 3) if found else 0.0
+
     def flush_conntrack(self) -> None:
         """Forget every NAT mapping (as a router reboot would)."""
         _in_ns(self.router_ns, [_tools()["conntrack"], "-F"])
@@ -472,7 +477,7 @@ class Lab:
 
     def __init__(
         self,
-        offices: int = 0,
+        offices: int = 1,
         *,
         symmetric: Collection[int] = (),
         different_subnets: bool = False,
@@ -709,8 +714,9 @@ class Lab:
         ]
         for o in self.offices:
             nat = "symmetric (--random-fully)" if o.symmetric else "port-preserving"
-            cut = ", WAN CUT" if o.wan_is_cut() else ""
-            detail = f"public {o.public_address}, LAN {o.lan_subnet}, NAT {nat}{cut}"
+            detail = f"public {o.public_address}, LAN {o.lan_subnet}, NAT {nat}"
+            detail += ", WAN CUT" if o.wan_is_cut() else ""
+            detail += f", {loss:g} % loss" if (loss := o.loss_percent()) else ""
             rows.append((f"{o.name} router", o.router_ns, detail))
             rows += [(f"{o.name} {h.name}", h.ns, h.address) for h in o.hosts]
         width = [max(len(r[i]) for r in rows) for i in range(2)]
