@@ -389,7 +389,7 @@ class DigestVerifier:
 
     Nonces are self-validating: ``time | instance | counter | HMAC(secret)``, so a forged nonce
     is refused without state and an old one expires after ``nonce_lifetime`` seconds. Replays are
-    refused with a bounded table of the highest nonce count seen per nonce (RFC 7616 §3.3): a
+    refused with a bounded table of the highest nonce count seen per nonce (RFC 7616 §3.4, nc): a
     nonce that has fallen out of the table, or was issued by an earlier instance (before a
     restart), is answered with ``stale=true`` so an honest client simply retries with a fresh one.
 
