@@ -571,6 +571,10 @@ class Transaction:
         """When `handle_timer` must next be called, or None."""
         return min(self._deadlines.values()) if self._deadlines else None
 
+    def deadline(self, timer: Timer) -> float | None:
+        """When `timer` fires, or None when it is not running."""
+        return self._deadlines.get(timer)
+
     def handle_timer(self, now: float) -> list[Event]:
         """Fire every timer due at `now`, earliest first."""
         while self._deadlines:
