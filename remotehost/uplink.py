@@ -243,7 +243,9 @@ class Uplink:
     async def _report(self) -> None:
         """Learn the LAN and the NAT type, and tell the main host (at every login)."""
         lan = natprobe.lan_interfaces()
-        self.state.lan = [{"name": i.name, "addresses": i.all_addresses()} for i in lan]
+        self.state.lan = [
+            {"name": i.name, "addresses": [str(a.ip) for a in (*i.ipv4, *i.ipv6)]} for i in lan
+        ]
         host, port = self.stun_server
         probe = await natprobe.probe_nat_type(host, port, timeout=self.config.stun.probe_timeout)
         self.state.nat_type = probe.nat_type
