@@ -14,7 +14,7 @@ public one (F1, F9):
 It does not own what to do with the answers (the remote host's login and keepalive logic), the
 STUN codec (`shared.stun.message`) or the server.
 
-pystun3 2.0 workarounds, all in `_probe_blocking`:
+pystun3 2.0 workarounds, all in the NAT-type section below:
 - it falls back to public servers when given no host, so an empty host is refused before it;
 - it reports the mapped address of the *last* test, which is empty for restricted NATs, so the
   first mapped address is read from the replies here instead;
@@ -35,7 +35,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import netifaces
 import stun as pystun3
@@ -54,6 +54,8 @@ from shared.stun.message import (
 )
 
 log = logging.getLogger(__name__)
+
+_I = TypeVar("_I", ipaddress.IPv4Interface, ipaddress.IPv6Interface)
 
 NAT_UNKNOWN = "unknown"
 NAT_TIMEOUT = "timeout"
@@ -100,11 +102,8 @@ def interfaces_from_table(
     return result
 
 
-def _parse_entries(
-    entries: Sequence[Mapping[str, str]],
-    kind: type[ipaddress.IPv4Interface] | type[ipaddress.IPv6Interface],
-) -> list[Any]:
-    parsed = []
+def _parse_entries(entries: Sequence[Mapping[str, str]], kind: type[_I]) -> list[_I]:
+    parsed: list[_I] = []
     for entry in entries:
         address = entry.get("addr")
         if not address:
