@@ -163,9 +163,18 @@ def canonical_name(name: str) -> str:
 
 def header_key(name: str) -> str:
     """The case-insensitive lookup key of a header name, compact forms included."""
+    key = _KEY_MEMO.get(name)
+    if key is not None:
+        return key
     lower = name.lower()
     canonical = CANONICAL_NAMES.get(lower)
-    return canonical.lower() if canonical is not None else lower
+    key = canonical.lower() if canonical is not None else lower
+    if len(_KEY_MEMO) < 4096:  # names come from our code, but stay bounded anyway
+        _KEY_MEMO[name] = key
+    return key
+
+
+_KEY_MEMO: dict[str, str] = {}
 
 
 def is_token(text: str) -> bool:

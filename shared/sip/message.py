@@ -143,12 +143,13 @@ class Headers:
     `generation`, which is how a message knows its received bytes are stale.
     """
 
-    __slots__ = ("_cache", "_items", "_keys", "generation")
+    __slots__ = ("_cache", "_index", "_items", "_keys", "generation")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items: list[tuple[str, str]] = []
         self._keys: list[str] = []
         self._cache: dict[str, object] = {}
+        self._index: dict[str, list[str]] | None = None
         self.generation = 0
         for name, value in items:
             self.add(name, value)
@@ -159,6 +160,7 @@ class Headers:
         headers._items = items
         headers._keys = keys
         headers._cache = {}
+        headers._index = None
         headers.generation = 0
         return headers
 
@@ -181,20 +183,31 @@ class Headers:
         return f"Headers({self._items!r})"
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and header_key(name) in self._keys
+        return isinstance(name, str) and self._lookup(name) is not None
+
+    def _lookup(self, name: str) -> list[str] | None:
+        index = self._index
+        if index is None:
+            # Built on the first look-up after a change: one pass instead of one per look-up.
+            index = {}
+            for key, (_, value) in zip(self._keys, self._items, strict=True):
+                found = index.get(key)
+                if found is None:
+                    index[key] = [value]
+                else:
+                    found.append(value)
+            self._index = index
+        return index.get(header_key(name))
 
     def get(self, name: str) -> str | None:
         """The value of the first header called `name`, or None."""
-        key = header_key(name)
-        for i, k in enumerate(self._keys):
-            if k == key:
-                return self._items[i][1]
-        return None
+        found = self._lookup(name)
+        return None if found is None else found[0]
 
     def get_all(self, name: str) -> list[str]:
         """The value of every header line called `name`, in order."""
-        key = header_key(name)
-        return [self._items[i][1] for i, k in enumerate(self._keys) if k == key]
+        found = self._lookup(name)
+        return [] if found is None else list(found)
 
     def values(self, name: str) -> list[str]:
         """Every comma-separated element of every header line called `name` (RFC 3261 §7.3.1).
@@ -270,6 +283,7 @@ class Headers:
 
     def _touch(self) -> None:
         self._cache.clear()
+        self._index = None
         self.generation += 1
 
 
@@ -284,7 +298,7 @@ class _Accessors:
     headers: Headers
 
     def _single(self, name: str) -> str | None:
-        values = self.headers.get_all(name)
+        values = self.headers._lookup(name) or ()
         if len(values) > 1:
             # RFC 4475 §3.3.8
             raise bad_request(f"Multiple {name} header fields")
@@ -549,6 +563,23 @@ def _parse_content_length(value: str) -> int:
     return int(text)
 
 
+def _name_info(name: str) -> tuple[str, str]:
+    """(canonical name, lookup key) of a header name as written; refuses non-tokens."""
+    canonical = CANONICAL_NAMES.get(name.lower())
+    if canonical is not None:
+        return canonical, canonical.lower()
+    if TOKEN_RE.fullmatch(name) is None:
+        raise bad_request("Bad header name")
+    return name, name.lower()
+
+
+# The spellings phones actually send, looked up without lower-casing.
+_NAME_INFO: dict[str, tuple[str, str]] = {}
+for _lower, _canonical in CANONICAL_NAMES.items():
+    for _spelling in (_lower, _canonical, _lower.upper()):
+        _NAME_INFO[_spelling] = (_canonical, _canonical.lower())
+
+
 def split_head_untrusted(
     head: bytes, limits: SipLimits = DEFAULT_LIMITS
 ) -> tuple[str, list[tuple[str, str]], list[str]]:
@@ -566,43 +597,35 @@ def split_head_untrusted(
     start_line = lines[0]
     if len(start_line) > max_line:
         raise bad_request("Start line too long")
-    names: list[str] = []
+    items: list[tuple[str, str]] = []
     keys: list[str] = []
-    values: list[list[str]] = []
-    canonical = CANONICAL_NAMES
+    folded = False
+    known_names = _NAME_INFO
     for line in lines[1:]:
         if len(line) > max_line:
             raise bad_request("Header line too long")
         if line[:1] in (" ", "\t"):
             # RFC 3261 §7.3.1: a line starting with whitespace continues the previous value.
-            if not values:
+            if not items:
                 raise bad_request("Continuation line before the first header")
-            values[-1].append(line)
+            name, value = items[-1]
+            items[-1] = (name, value + " " + line.strip(" \t"))
+            folded = True
             continue
         name, colon, value = line.partition(":")
         if not colon:
             raise bad_request("Header line without a colon")
         # RFC 3261 §7.3.1 / §25.1 HCOLON: whitespace may precede the colon.
-        name = name.rstrip(" \t")
-        lower = name.lower()
-        known = canonical.get(lower)
-        if known is not None:
-            names.append(known)
-            keys.append(known.lower())
-        else:
-            if TOKEN_RE.fullmatch(name) is None:
-                raise bad_request("Bad header name")
-            names.append(name)
-            keys.append(lower)
-        values.append([value])
-        if len(names) > limits.max_header_count:
+        info = known_names.get(name)
+        if info is None:
+            name = name.rstrip(" \t")
+            info = _name_info(name)
+        items.append((info[0], value.strip(" \t")))
+        keys.append(info[1])
+        if len(keys) > limits.max_header_count:
             raise bad_request("Too many header fields")
-    items: list[tuple[str, str]] = []
-    for name, parts in zip(names, values, strict=True):
-        if len(parts) == 1:
-            items.append((name, parts[0].strip(" \t")))
-        else:
-            items.append((name, " ".join(p.strip(" \t") for p in parts).strip(" \t")))
+    if folded:
+        items = [(name, value.strip(" \t")) for name, value in items]
     return start_line, items, keys
 
 
@@ -798,32 +821,38 @@ def make_response(
     CSeq copied; `to_tag` added to To when it has none (not for 100, §8.2.6.2); Timestamp
     copied into a 100 (§8.2.6.1). Works on a request that failed validation, copying whatever
     is there, so that a 400 can be sent for it."""
-    out = Headers()
-    for name, value in request.headers:
-        if name == "Via":
-            out.add("Via", value)
-    for name in ("From", "To", "Call-ID", "CSeq"):
-        copied = request.headers.get(name)
+    source = request.headers
+    # The request's values are already CR/LF-free; copy them without re-checking.
+    items = [("Via", value) for value in source.get_all("Via")]
+    keys = ["via"] * len(items)
+    for name, key in _COPIED_TO_RESPONSES:
+        copied = source.get(name)
         if copied is None:
             continue
-        if name == "To" and to_tag is not None and status != 100:
-            copied = _add_tag(copied, to_tag)
-        out.add(name, copied)
+        if key == "to" and to_tag is not None and status != 100:
+            copied = _add_tag(request, copied, to_tag)
+        items.append((name, copied))
+        keys.append(key)
     if status == 100:
-        timestamp = request.headers.get("Timestamp")
+        timestamp = source.get("Timestamp")
         if timestamp is not None:
-            out.add("Timestamp", timestamp)
+            items.append(("Timestamp", timestamp))
+            keys.append("timestamp")
+    out = Headers._trusted(items, keys)
     for name, value in headers:
         out.add(name, value)
     return SipResponse(status, reason or REASON_PHRASES.get(status, "Unknown"), out, body)
 
 
-def _add_tag(to_value: str, tag: str) -> str:
+_COPIED_TO_RESPONSES = (("From", "from"), ("To", "to"), ("Call-ID", "call-id"), ("CSeq", "cseq"))
+
+
+def _add_tag(request: SipRequest, to_value: str, tag: str) -> str:
     try:
-        if parse_address_untrusted(to_value, "To").tag is not None:
+        if request.to.tag is not None:
             return to_value
     except SipParseError:
-        return to_value
+        return to_value  # a broken To is answered as it came
     return f"{to_value};tag={tag}"
 
 

@@ -14,6 +14,7 @@ Values are frozen; their `params` dicts are not to be mutated (build a new URI w
 from __future__ import annotations
 
 import ipaddress
+import re
 import string
 from dataclasses import dataclass, field
 
@@ -26,13 +27,25 @@ _USER_SAFE = _UNRESERVED | frozenset("&=+$,;?/")
 _PASSWORD_SAFE = _UNRESERVED | frozenset("&=+$,")
 _PARAM_SAFE = _UNRESERVED | frozenset("[]/:&+$")
 _HEADER_SAFE = _UNRESERVED | frozenset("[]/?:+$")
-_HOST_CHARS = _ALNUM | frozenset("-._")
 _SCHEME_CHARS = _ALNUM | frozenset("+-.")
 _TEL_CHARS = frozenset(string.digits + "+-.()*#abcdefABCDEF")
 _HEX = frozenset(string.hexdigits)
 # Characters never allowed raw anywhere in a URI: whitespace, controls, and the delimiters that
 # would end the URI inside a header (RFC 3261 §25.1 has no rule admitting them).
-_FORBIDDEN = frozenset('<>"{}|\\^`') | frozenset(chr(c) for c in range(0x21)) | {"\x7f"}
+_FORBIDDEN_RE = re.compile(r'[\x00-\x20\x7f<>"{}|\\^`]')
+
+
+def _charset_re(safe: frozenset[str]) -> re.Pattern[str]:
+    """A regex matching any character outside `safe` and '%' (escapes are checked apart)."""
+    return re.compile("[^" + "".join(re.escape(ch) for ch in sorted(safe | {"%"})) + "]")
+
+
+# Per-component character checks run in C: these are on the path of every message.
+_BAD_USER = _charset_re(_USER_SAFE)
+_BAD_PASSWORD = _charset_re(_PASSWORD_SAFE)
+_BAD_PARAM = _charset_re(_PARAM_SAFE)
+_BAD_HEADER = _charset_re(_HEADER_SAFE)
+_BAD_HOST = re.compile(r"[^A-Za-z0-9\-._]")
 
 
 def _unescape(text: str, what: str) -> str:
@@ -72,10 +85,9 @@ def _escape(text: str, safe: frozenset[str]) -> str:
     return "".join(parts)
 
 
-def _check_chars(text: str, allowed: frozenset[str], what: str) -> None:
-    for ch in text:
-        if ch not in allowed and ch != "%":
-            raise bad_request(f"Invalid character in URI {what}")
+def _check_chars(text: str, bad: re.Pattern[str], what: str) -> None:
+    if bad.search(text) is not None:
+        raise bad_request(f"Invalid character in URI {what}")
 
 
 def _parse_params(parts: list[str], what: str) -> dict[str, str | None]:
@@ -84,12 +96,12 @@ def _parse_params(parts: list[str], what: str) -> dict[str, str | None]:
         name, eq, value = part.partition("=")
         if not name:
             raise bad_request(f"Empty {what} parameter")
-        _check_chars(name, _PARAM_SAFE, f"{what} parameter")
+        _check_chars(name, _BAD_PARAM, f"{what} parameter")
         key = _unescape(name, f"{what} parameter").lower()
         if key in params:
             raise bad_request(f"Duplicate {what} parameter {key!r}")
         if eq:
-            _check_chars(value, _PARAM_SAFE, f"{what} parameter")
+            _check_chars(value, _BAD_PARAM, f"{what} parameter")
             params[key] = _unescape(value, f"{what} parameter")
         else:
             params[key] = None
@@ -127,9 +139,8 @@ def parse_host_port_untrusted(text: str, what: str = "host") -> tuple[str, int |
         host, colon, port_text = text.partition(":")
         if not host:
             raise bad_request(f"Empty {what}")
-        for ch in host:
-            if ch not in _HOST_CHARS:
-                raise bad_request(f"Invalid character in {what}")
+        if _BAD_HOST.search(host) is not None:
+            raise bad_request(f"Invalid character in {what}")
         if not colon:
             return host, None
     return host, parse_port_untrusted(port_text, what)
@@ -303,9 +314,8 @@ def parse_uri_untrusted(text: str) -> Uri:
         for ch in scheme:
             if ch not in _SCHEME_CHARS:
                 raise bad_request("Invalid character in URI scheme")
-        for ch in rest:
-            if ch in _FORBIDDEN:
-                raise bad_request("Invalid character in URI")
+        if _FORBIDDEN_RE.search(rest) is not None:
+            raise bad_request("Invalid character in URI")
         if not rest:
             raise bad_request("Empty URI")
         scheme = scheme.lower()
@@ -333,10 +343,10 @@ def _parse_sip(scheme: str, rest: str) -> SipUri:
         user_text, colon, password_text = userinfo.partition(":")
         if not user_text:
             raise bad_request("Empty user in SIP URI")
-        _check_chars(user_text, _USER_SAFE, "user")
+        _check_chars(user_text, _BAD_USER, "user")
         user = _unescape(user_text, "user")
         if colon:
-            _check_chars(password_text, _PASSWORD_SAFE, "password")
+            _check_chars(password_text, _BAD_PASSWORD, "password")
             password = _unescape(password_text, "password")
     hostport, qmark, header_text = rest.partition("?")
     hostport, *param_parts = hostport.split(";")
@@ -349,8 +359,8 @@ def _parse_sip(scheme: str, rest: str) -> SipUri:
             name, eq, value = item.partition("=")
             if not name or not eq:
                 raise bad_request("Malformed URI header")
-            _check_chars(name, _HEADER_SAFE, "header")
-            _check_chars(value, _HEADER_SAFE, "header")
+            _check_chars(name, _BAD_HEADER, "header")
+            _check_chars(value, _BAD_HEADER, "header")
             pairs.append((_unescape(name, "header"), _unescape(value, "header")))
         headers = tuple(pairs)
     return SipUri(
