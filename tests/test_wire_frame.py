@@ -18,6 +18,7 @@ from shared.wire.frame import (
     WireError,
     encode_frame,
 )
+from shared.wire.messages import Heartbeat, encode_message
 
 u16 = st.integers(0, 0xFFFF)
 u32 = st.integers(0, 0xFFFFFFFF)
@@ -238,3 +239,9 @@ def test_error_codes_are_distinct_and_named() -> None:
     assert len(set(codes.values())) == len(codes)
     assert set(ErrorCode.NAMES) == set(codes.values())
     assert codes["NORMAL"] == 0
+
+
+def test_the_documented_example_frame() -> None:
+    # docs/wire-protocol.md §2 shows these bytes for Heartbeat(seq=1) on channel 0.
+    documented = bytes.fromhex("00000006 0006 0000 00000000 81a3736571 01".replace(" ", ""))
+    assert encode_message(Heartbeat(1)) == documented
