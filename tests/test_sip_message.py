@@ -673,3 +673,28 @@ def test_response_round_trip(status, reason, extensions, body):
     again = response(msg.encode())
     assert (again.status, again.reason, again.body) == (status, reason, body)
     assert [(n, v) for n, v in again.headers if n != "Content-Length"] == extensions
+
+
+def test_a_malformed_ack_is_never_answered():
+    ack = request(
+        INVITE.replace(b"INVITE", b"ACK").replace(b"Max-Forwards: 70", b"Max-Forwards: 300")
+    )
+    with pytest.raises(SipParseError) as info:
+        validate_request_untrusted(ack)
+    assert info.value.request is ack
+    assert error_response(info.value) is None
+
+
+def test_raw_cache_survives_many_generations():
+    msg = request(REGISTER)
+    for i in range(300):
+        msg.headers.set("X-Count", str(i))
+    data = msg.encode()
+    assert msg.raw is data
+    assert msg.encode() is data
+
+
+def test_many_content_length_lines_fail_fast():
+    head = b"OPTIONS sip:a SIP/2.0\r\n" + b"l: 0\r\n" * 5000
+    with pytest.raises(SipParseError, match="Multiple Content-Length"):
+        content_length_of_head(head)

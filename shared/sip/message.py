@@ -15,6 +15,9 @@ bytes are kept: an unchanged message encodes to exactly those bytes without re-s
 
 It does not frame TCP streams (`framing.py`), match transactions or dialogs, or decide policy
 beyond the RFC's syntax rules (which schemes and extensions are supported are arguments).
+
+The module is long because the message, its header container, the accessors and the checks
+share private state (the raw bytes, the parsed-value cache); splitting them would expose it.
 """
 
 from __future__ import annotations
@@ -449,7 +452,9 @@ def _stamp_matches(stamp: tuple[object, ...] | None, current: tuple[object, ...]
     # Identity for the headers object and the body, equality for the short start-line strings.
     if stamp is None:
         return False
-    return all(a is b or (type(a) is str and a == b) for a, b in zip(stamp, current, strict=True))
+    return all(
+        a is b or (type(a) in (str, int) and a == b) for a, b in zip(stamp, current, strict=True)
+    )
 
 
 @dataclass(slots=True, eq=True)
@@ -859,7 +864,8 @@ def _add_tag(request: SipRequest, to_value: str, tag: str) -> str:
 def error_response(exc: SipParseError, *, to_tag: str | None = None) -> SipResponse | None:
     """The reply to send for a parse or validation error, or None when the message must be
     dropped (a malformed response, or a request too broken to answer)."""
-    if exc.request is None:
+    if exc.request is None or exc.request.method == "ACK":
+        # RFC 3261 §17.2.1: an ACK is never answered.
         return None
     return make_response(exc.request, exc.status, exc.reason, to_tag=to_tag, headers=exc.headers)
 
@@ -880,22 +886,23 @@ def content_length_of_head(head: bytes) -> int | None:
     Reads only what it needs: lines whose name is `Content-Length` or `l`. Raises
     `SipParseError` for several or a malformed one.
     """
-    found: list[bytes] = []
+    found: bytes | None = None
     lines = head.split(b"\r\n")
+    count = len(lines)
     for i, line in enumerate(lines):
         if line[:1] not in (b"C", b"c", b"L", b"l"):
             continue
         name, colon, value = line.partition(b":")
         if not colon or name.rstrip(b" \t").lower() not in (b"content-length", b"l"):
             continue
+        if found is not None:
+            raise bad_request("Multiple Content-Length header fields")
         # A folded Content-Length would be odd, but is legal (RFC 3261 §7.3.1).
-        for extra in lines[i + 1 :]:
-            if extra[:1] not in (b" ", b"\t"):
-                break
-            value += b" " + extra
-        found.append(value)
-    if not found:
+        j = i + 1
+        while j < count and lines[j][:1] in (b" ", b"\t"):
+            value += b" " + lines[j]
+            j += 1
+        found = value
+    if found is None:
         return None
-    if len(found) > 1:
-        raise bad_request("Multiple Content-Length header fields")
-    return _parse_content_length(found[0].decode("latin-1"))
+    return _parse_content_length(found.decode("latin-1"))
