@@ -49,7 +49,11 @@ class StunService:
         sockets: dict[TransportAddress, socket.socket],
         logger: logging.Logger,
     ) -> None:
-        self.addresses = server.addresses
+        self.server_addresses = server.addresses
+        self.addresses: tuple[tuple[str, int], ...] = tuple(
+            (a.ip, a.port) for a in server.addresses.local_addresses()
+        )
+        """The bound (ip, port) pairs, in the order of `local_addresses`."""
         self._server = server
         self._sockets = sockets
         self._log = logger
@@ -58,7 +62,7 @@ class StunService:
     @property
     def local_addresses(self) -> tuple[TransportAddress, ...]:
         """Every bound (ip, port), primary first: P:p, P:a, then A:p, A:a when there is A."""
-        return self.addresses.local_addresses()
+        return self.server_addresses.local_addresses()
 
     def statistics(self) -> StunServiceStatistics:
         counts: StunServerStatistics = self._server.statistics()

@@ -79,7 +79,8 @@ async def test_binds_four_addresses_on_real_ports(service):
     assert p.port != 0 and pa.port != 0
     assert p.port != pa.port
     assert (a.port, aa.port) == (p.port, pa.port)
-    assert service.addresses.primary_port == p.port
+    assert service.server_addresses.primary_port == p.port
+    assert service.addresses == tuple((a.ip, a.port) for a in service.local_addresses)
 
 
 async def test_binding_request_gets_xor_mapped_address(service, client):
