@@ -21,6 +21,7 @@ from mainhost.config import MainHostConfig
 from mainhost.store import DB_NAME, MainStore, Office
 from mainhost.trunk import SOFTWARE, OfficeLive, TrunkServer, server_ssl_context
 from shared.aio.control import serve_control
+from shared.cli import leaf_exceptions
 
 log = logging.getLogger("mainhost")
 
@@ -120,9 +121,15 @@ class MainHost:
 
                 try:
                     binds = await nursery.start(serve_api, self, config.api.listen, config.api.port)
-                except OSError as exc:
+                except (OSError, BaseExceptionGroup) as failure:
+                    # hypercorn binds inside its own nurseries: the OSError comes in a group.
+                    leaf = next(
+                        (e for e in leaf_exceptions(failure) if isinstance(e, OSError)), None
+                    )
+                    if leaf is None:
+                        raise
                     raise bind_error(
-                        "web API", config.api.listen, config.api.port, "tcp", exc
+                        "web API", config.api.listen, config.api.port, "tcp", leaf
                     ) from None
                 self.addresses["api"] = binds
             log.info("main host serving: %s", self.addresses)
