@@ -461,3 +461,14 @@ def test_address_round_trip(address):
 def test_via_round_trip(transport, host, port, params):
     via = Via(transport, host, port, params)
     assert parse_via_untrusted(str(via)) == via
+
+
+def test_lenient_parameter_values_phones_send():
+    assert parse_params_untrusted(";path=a/b@c;name=caf\u00e9") == {
+        "path": "a/b@c",
+        "name": "caf\u00e9",
+    }
+    a = parse_address_untrusted('sip:a@b;x="<y>";z=1')
+    assert a.uri == SipUri(host="b", user="a")
+    assert a.params == {"x": '"<y>"', "z": "1"}
+    assert parse_address_untrusted(str(a)) == a

@@ -30,8 +30,11 @@ from shared.sip.uri import (
 
 # RFC 3261 §25.1: token = 1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~")
 TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
-# A parameter value that is not a quoted string: token or host (IPv6 references included).
-_PARAM_VALUE_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~:\[\]]+")
+# A parameter value that is not a quoted string. RFC 3261 §25.1 allows a token or a host
+# (IPv6 references included); phones send a little more (`/`, `@`, non-ASCII), which is harmless
+# since values are kept verbatim. What would change the parse is refused: whitespace, controls,
+# and the delimiters `;` `,` `=` `"` `<` `>`.
+_PARAM_VALUE_RE = re.compile(r'[^\x00-\x20\x7f;,="<>]+')
 _WS = " \t"
 
 # (canonical name, compact form or "") for every header name we spell canonically.
@@ -398,7 +401,9 @@ def parse_address_untrusted(value: str, what: str = "address") -> Address:
             raise bad_request(f"Display name without <URI> in {what}")
         return _finish_name_addr(rest, display, what)
     lt = text.find("<")
-    if lt >= 0:
+    first_semi = text.find(";")
+    # An unquoted display name is tokens, so a '<' after the first ';' is inside a parameter.
+    if lt >= 0 and (first_semi < 0 or lt < first_semi):
         before = text[:lt].strip(_WS)
         if before:
             words = before.split()
