@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -517,3 +519,53 @@ def test_nan_heartbeat_seq_and_huge_ints() -> None:
     assert decode(Heartbeat, {"seq": 2**64 - 1}) == Heartbeat(2**64 - 1)
     assert decode(Heartbeat, {"seq": -(2**63)}) == Heartbeat(-(2**63))
     bad_message(Heartbeat, {"seq": math.nan})
+
+
+# --- the written protocol matches the code -----------------------------------------------------
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "wire-protocol.md"
+
+
+def _type_name(hint: Any) -> str:
+    """How docs/wire-protocol.md writes a field type."""
+    if isinstance(hint, type):
+        return hint.__name__
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    if origin is dict:
+        return f"dict[str, {_type_name(args[1])}]"
+    inner = [a for a in args if a is not type(None)]
+    return f"{_type_name(inner[0])} \\| None"
+
+
+def _documented_messages() -> dict[tuple[str, int], list[tuple[str, str]]]:
+    documented: dict[tuple[str, int], list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    for line in DOC.read_text().splitlines():
+        if heading := re.match(r"^\*\*(\w+) \((\d+)\)\*\*", line):
+            current = documented.setdefault((heading[1], int(heading[2])), [])
+        elif line.startswith("#"):
+            current = None
+        elif current is not None and (row := re.match(r"^\| `(\w+)` \| (.+?) \| ", line)):
+            current.append((row[1], row[2]))
+    return documented
+
+
+def test_every_message_is_documented_with_its_fields() -> None:
+    # When a message class is added to the catalogue, docs/wire-protocol.md §4 must say so.
+    documented = _documented_messages()
+    registered = {(cls.__name__, code): cls for code, cls in REGISTERED}
+    assert set(documented) == set(registered), "docs/wire-protocol.md §4 and MESSAGES differ"
+    for key, cls in registered.items():
+        expected = [(f.name, _type_name(hints(cls)[f.name])) for f in fields_of(cls)]
+        assert documented[key] == expected, f"{cls.__name__}: fields in the doc differ"
+
+
+def test_every_record_is_documented_with_its_fields() -> None:
+    text = DOC.read_text()
+    for rec in RECORDS:
+        match = re.search(rf"Record \*\*{rec.__name__}\*\*:(.+?)\n\n", text, re.S)
+        assert match, f"record {rec.__name__} is not described in docs/wire-protocol.md"
+        for f in fields_of(rec):
+            assert f"`{f.name}` {_type_name(hints(rec)[f.name])}" in match[1].replace("\n", " ")
