@@ -4,6 +4,12 @@ Re-exports the names most callers need; the modules say what each owns.
 """
 
 from shared.sip.errors import SipParseError
+from shared.sip.framing import (
+    KeepAlivePing,
+    KeepAlivePong,
+    SipStreamFramer,
+    is_datagram_keepalive,
+)
 from shared.sip.headers import (
     Address,
     CSeq,
@@ -35,11 +41,14 @@ __all__ = [
     "Address",
     "CSeq",
     "Headers",
+    "KeepAlivePing",
+    "KeepAlivePong",
     "SipLimits",
     "SipMessage",
     "SipParseError",
     "SipRequest",
     "SipResponse",
+    "SipStreamFramer",
     "SipUri",
     "TelUri",
     "Uri",
@@ -48,6 +57,7 @@ __all__ = [
     "error_response",
     "generate_branch",
     "generate_tag",
+    "is_datagram_keepalive",
     "make_response",
     "parse_address_untrusted",
     "parse_message_untrusted",
