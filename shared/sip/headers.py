@@ -8,6 +8,9 @@ addr-spec (From, To, Contact, Route, Record-Route), Via and CSeq.
 It does not own the message (`message.py` keeps headers as raw text and calls these parsers
 lazily, on access) nor any policy about what values a server accepts.
 
+It is over 600 lines mostly because of the header-name table; the value parsers share the
+quoted-string and parameter scanners, which is why they live together.
+
 Parsed parameter dicts map lower-cased names to the value exactly as written (a quoted-string
 value keeps its quotes; `unquote` removes them), or to `None` for a parameter without `=`.
 """
