@@ -7,6 +7,7 @@ the last line of `office add`, `status --json` has a stable shape).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import secrets
@@ -54,6 +55,14 @@ ERRORS = (StartupError, StoreError)
 log = logging.getLogger("mainhost")
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def guess_public_address() -> str:
     import netifaces
 
@@ -70,12 +79,20 @@ def cmd_init(args: argparse.Namespace) -> int:
     if (data / CONFIG_NAME).exists():
         raise CliError(f"{data} holds a main host already ({data / CONFIG_NAME}); not overwriting")
     address = args.public_address or guess_public_address()
+    stun_listen = args.listen
+    if args.stun_alternate_address and stun_listen in ("0.0.0.0", "::"):
+        # Classic NAT type detection needs the STUN server on two specific addresses.
+        if not _is_ip(address):
+            raise CliError(
+                "--stun-alternate-address needs the primary address as an IP: give --listen IP"
+            )
+        stun_listen = address
     try:
         config = MainHostConfig(
             public_address=address,
             trunk=TrunkConfig(listen=args.listen, port=args.trunk_port),
             stun=StunConfig(
-                listen=args.listen,
+                listen=stun_listen,
                 port=args.stun_port,
                 alternate_port=args.stun_alternate_port,
                 alternate_address=args.stun_alternate_address or "",

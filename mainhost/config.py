@@ -51,6 +51,12 @@ class StunConfig:
         check_port("stun.alternate_port", self.alternate_port)
         if self.alternate_address:
             check_ip("stun.alternate_address", self.alternate_address)
+            # RFC 3489 §11.2.3: CHANGED-ADDRESS names the other address, so both must be real.
+            if self.listen in ("0.0.0.0", "::"):
+                raise ValueError(
+                    "key 'stun.listen' must be a specific address of this machine when"
+                    " stun.alternate_address is set"
+                )
 
 
 @dataclass(frozen=True)

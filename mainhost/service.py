@@ -85,7 +85,7 @@ class MainHost:
             "uptime": now - self.started,
             "listening": self.addresses,
             "trunk": asdict(self.trunk.stats),
-            "stun": self.stun_service.statistics() if self.stun_service else None,
+            "stun": asdict(self.stun_service.statistics()) if self.stun_service else None,
             "offices": offices,
         }
 

@@ -40,15 +40,23 @@ def add_data_argument(parser: argparse.ArgumentParser, env: str, default: str) -
 
 
 def setup_logging(verbose: bool) -> None:
-    handler = RichHandler(
-        console=Console(stderr=True),
-        show_path=False,
-        rich_tracebacks=False,
-        log_time_format="%H:%M:%S",
-    )
+    """Coloured logs on a terminal; one plain line per record anywhere else (journald, files),
+    so that logs can be searched with grep."""
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        handler = RichHandler(
+            console=Console(stderr=True),
+            show_path=False,
+            rich_tracebacks=False,
+            log_time_format="%H:%M:%S",
+        )
+        fmt = "%(name)s: %(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(name)s: %(message)s",
+        format=fmt,
         handlers=[handler],
         force=True,
     )
