@@ -41,7 +41,7 @@ from shared.wire.session import Closed, Event, State, TrunkSession
 from tests.test_wire_session import client_in, server_in
 from tests.wirehelpers import SessionPair, any_message, frames_in
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CODES = sorted(MESSAGES)
 
 scalars = (

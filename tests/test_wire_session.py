@@ -904,29 +904,144 @@ def test_complete_login_after_the_client_went_away_raises() -> None:
         server.complete_login(SECRET, now=START + 2, public_ip="x", public_port=1, session="s")
 
 
-# --- a stateful property test: whatever a client sends, the server stays consistent ------------
+# --- stateful property tests: whatever the peer sends, a session stays consistent --------------
 
-SERVER_STATES = {State.START, State.CHALLENGED, State.VERIFYING, State.ESTABLISHED, State.CLOSED}
 UNREGISTERED = st.integers(0, 0xFFFF).filter(lambda code: code not in MESSAGES)
+MACHINE_SETTINGS = settings(max_examples=200, stateful_step_count=25, deadline=None)
 
 
-class ServerMachine(RuleBasedStateMachine):
-    """Random valid and invalid input and timer ticks into one server session.
+class SessionMachine(RuleBasedStateMachine):
+    """Random valid and invalid input and timer ticks into one session (`self.session`).
 
     The only exception allowed out of the session is LocalProtocolError, and only when this test
     misused it (send before ESTABLISHED, complete_login without a pending attempt). After every
     step the session's state, events, timer and output must agree with each other.
     """
 
+    STATES: frozenset[State]
+
     def __init__(self) -> None:
         super().__init__()
         self.now = START
-        self.server = new_server()
+        self.session = self.make_session()
         self.events: list[Event] = []
         self.out = bytearray()
         self.closed_at_output: int | None = None  # len(self.out) when Closed was seen
+
+    def make_session(self) -> TrunkSession:
+        raise NotImplementedError
+
+    def _feed(self, data: bytes, split: int = 0) -> None:
+        cut = min(split, len(data))
+        for part in (data[:cut], data[cut:]):
+            if part:
+                self.session.receive_data(part, self.now)
+
+    # -- peer input common to both roles --
+
+    @rule(msg=any_message(), channel=st.integers(0, 0xFFFFFFFF), split=st.integers(0, 30))
+    def any_known_message(self, msg: Message, channel: int, split: int) -> None:
+        self._feed(encode_message(msg, channel=channel), split)
+
+    @rule(code=UNREGISTERED, body=st.binary(max_size=30), channel=st.integers(0, 9))
+    def unknown_message(self, code: int, body: bytes, channel: int) -> None:
+        self._feed(encode_frame(code, body, channel=channel))
+
+    @rule(data=st.binary(min_size=1, max_size=40))
+    def garbage(self, data: bytes) -> None:
+        self._feed(data)
+
+    @rule()
+    def heartbeat(self) -> None:
+        self._feed(encode_message(Heartbeat(7)))
+
+    @rule()
+    def end_of_stream(self) -> None:
+        self.session.receive_data(b"", self.now)
+
+    # -- time --
+
+    @rule(dt=st.floats(0, 6, allow_nan=False))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        self.session.handle_timer(self.now)
+
+    @rule()
+    def tick_at_timer(self) -> None:
+        timer = self.session.get_timer()
+        if timer is not None:
+            self.now = max(self.now, timer)
+            self.session.handle_timer(self.now)
+
+    # -- our own side, including misuse --
+
+    @rule(msg=any_message(), channel=st.integers(0, 100))
+    def send(self, msg: Message, channel: int) -> None:
+        allowed = self.session.state is State.ESTABLISHED and not is_session_vocabulary(msg)
+        try:
+            self.session.send(msg, channel=channel)
+        except LocalProtocolError:
+            assert not allowed
+        else:
+            assert allowed
+
+    @rule(code=st.sampled_from([ErrorCode.SHUTDOWN, ErrorCode.REPLACED, 77]))
+    def close(self, code: int) -> None:
+        self.session.close(code, "test")
+
+    # -- what must always hold --
+
+    @invariant()
+    def consistent(self) -> None:
+        session = self.session
+        self.events += events_of(session)
+        self.out += session.data_to_send()
+        assert session.state in self.STATES
+        closes = [e for e in self.events if isinstance(e, Closed)]
+        assert len(closes) <= 1
+        if closes:
+            assert self.events[-1] is closes[0], "events after Closed"
+            assert session.state is State.CLOSED
+            if self.closed_at_output is None:
+                self.closed_at_output = len(self.out)
+            assert len(self.out) == self.closed_at_output, "output after the session closed"
+            assert session.get_timer() is None
+        else:
+            assert session.state is not State.CLOSED
+            timer = session.get_timer()
+            assert timer is not None and math.isfinite(timer)
+        logged_in = [e for e in self.events if isinstance(e, LoggedIn)]
+        assert len(logged_in) <= 1
+        if session.state is State.ESTABLISHED:
+            assert len(logged_in) == 1
+        sent_frames = frames_in(bytes(self.out))
+        final = [i for i, m in enumerate(sent_frames) if isinstance(m, Close | LoginRefused)]
+        assert final in ([], [len(sent_frames) - 1]), "a Close or LoginRefused is the last frame"
+        self.check_role(sent_frames)
+
+    def check_role(self, sent_frames: list[Message | UnknownMessage]) -> None:
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        # Liveness: a silent peer ends every session, whatever state it was left in.
+        self.session.handle_timer(self.now + 1e6)
+        assert self.session.closed
+
+
+class ServerMachine(SessionMachine):
+    """The server against a random client."""
+
+    STATES = frozenset(
+        {State.START, State.CHALLENGED, State.VERIFYING, State.ESTABLISHED, State.CLOSED}
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
         self.login_ok_allowed = 0  # complete_login() calls that returned True
         self.pending: tuple[bool, bool] | None = None  # (office known, proof good) of the Login
+
+    def make_session(self) -> TrunkSession:
+        return new_server()
 
     @initialize(
         start=st.sampled_from(
@@ -941,15 +1056,7 @@ class ServerMachine(RuleBasedStateMachine):
             self.login(known=True, good=True, nonce_size=32, split=0)
         if start is State.ESTABLISHED:
             self.complete_login()
-        assert self.server.state is start
-
-    # -- client input --
-
-    def _feed(self, data: bytes, split: int = 0) -> None:
-        cut = min(split, len(data))
-        for part in (data[:cut], data[cut:]):
-            if part:
-                self.server.receive_data(part, self.now)
+        assert self.session.state is start
 
     @rule(
         version=st.sampled_from([PROTOCOL_VERSION, PROTOCOL_VERSION + 1, 0, -1]),
@@ -969,57 +1076,24 @@ class ServerMachine(RuleBasedStateMachine):
         office = OFFICE if known else "ghost"
         nonce = b"c" * nonce_size
         proof = login_proof(SECRET if good else WRONG_SECRET, office, SERVER_NONCE, nonce)
-        if self.server.state is State.CHALLENGED and nonce_size >= 16:
+        if self.session.state is State.CHALLENGED and nonce_size >= 16:
             self.pending = (known, good)
         self._feed(encode_message(Login(office, nonce, proof, 3, "b")), split)
 
-    @precondition(lambda self: self.server.state is State.START)
+    @precondition(lambda self: self.session.state is State.START)
     @rule()
     def whole_good_handshake(self) -> None:
         self._feed(encode_message(Hello(1, 1, "fuzz")) + encode_message(good_login()))
         self.pending = (True, True)
         self.complete_login()
 
-    @rule(msg=any_message(), channel=st.integers(0, 0xFFFFFFFF), split=st.integers(0, 30))
-    def any_known_message(self, msg: Message, channel: int, split: int) -> None:
-        self._feed(encode_message(msg, channel=channel), split)
-
-    @rule(code=UNREGISTERED, body=st.binary(max_size=30), channel=st.integers(0, 9))
-    def unknown_message(self, code: int, body: bytes, channel: int) -> None:
-        self._feed(encode_frame(code, body, channel=channel))
-
-    @rule(data=st.binary(min_size=1, max_size=40))
-    def garbage(self, data: bytes) -> None:
-        self._feed(data)
-
-    @rule()
-    def end_of_stream(self) -> None:
-        self.server.receive_data(b"", self.now)
-
-    # -- time --
-
-    @rule(dt=st.floats(0, 6, allow_nan=False))
-    def tick(self, dt: float) -> None:
-        self.now += dt
-        self.server.handle_timer(self.now)
-
-    @rule()
-    def tick_at_timer(self) -> None:
-        timer = self.server.get_timer()
-        if timer is not None:
-            self.now = max(self.now, timer)
-            self.server.handle_timer(self.now)
-
-    # -- our own side, including misuse --
-
     @rule()
     def complete_login(self) -> None:
-        verifying = self.server.state is State.VERIFYING
-        secrets_by_office = {True: SECRET, False: None}
+        verifying = self.session.state is State.VERIFYING
         known, good = self.pending if self.pending is not None else (False, False)
         try:
-            ok = self.server.complete_login(
-                secrets_by_office[known], now=self.now, public_ip="x", public_port=1, session="s"
+            ok = self.session.complete_login(
+                SECRET if known else None, now=self.now, public_ip="x", public_port=1, session="s"
             )
         except LocalProtocolError:
             assert not verifying
@@ -1029,61 +1103,95 @@ class ServerMachine(RuleBasedStateMachine):
         self.login_ok_allowed += ok
         self.pending = None
 
-    @rule(msg=any_message(), channel=st.integers(0, 100))
-    def send(self, msg: Message, channel: int) -> None:
-        allowed = self.server.state is State.ESTABLISHED and not is_session_vocabulary(msg)
-        try:
-            self.server.send(msg, channel=channel)
-        except LocalProtocolError:
-            assert not allowed
-        else:
-            assert allowed
-
-    @rule(code=st.sampled_from([ErrorCode.SHUTDOWN, ErrorCode.REPLACED, 77]))
-    def close(self, code: int) -> None:
-        self.server.close(code, "test")
-
-    # -- what must always hold --
-
-    @invariant()
-    def consistent(self) -> None:
-        server = self.server
-        self.events += events_of(server)
-        self.out += server.data_to_send()
-        assert server.state in SERVER_STATES
-        closes = [e for e in self.events if isinstance(e, Closed)]
-        assert len(closes) <= 1
-        if closes:
-            assert self.events[-1] is closes[0], "events after Closed"
-            assert server.state is State.CLOSED
-            if self.closed_at_output is None:
-                self.closed_at_output = len(self.out)
-            assert len(self.out) == self.closed_at_output, "output after the session closed"
-            assert server.get_timer() is None
-        else:
-            assert server.state is not State.CLOSED
-            timer = server.get_timer()
-            assert timer is not None and math.isfinite(timer)
-        logged_in = [e for e in self.events if isinstance(e, LoggedIn)]
-        assert len(logged_in) <= 1
-        if server.state is State.ESTABLISHED:
-            assert len(logged_in) == 1
-        if logged_in:
-            first_attempt = next(
-                i for i, e in enumerate(self.events) if isinstance(e, LoginAttempt)
-            )
-            assert first_attempt < self.events.index(logged_in[0])
-        sent_frames = frames_in(bytes(self.out))
+    def check_role(self, sent_frames: list[Message | UnknownMessage]) -> None:
         assert sum(isinstance(m, LoginOk) for m in sent_frames) == self.login_ok_allowed
         assert sum(isinstance(m, Challenge) for m in sent_frames) <= 1
-        final = [i for i, m in enumerate(sent_frames) if isinstance(m, Close | LoginRefused)]
-        assert final in ([], [len(sent_frames) - 1]), "a Close or LoginRefused is the last frame"
-
-    def teardown(self) -> None:
-        # Liveness: a silent peer ends every session, whatever state it was left in.
-        self.server.handle_timer(self.now + 1e6)
-        assert self.server.closed
+        logged_in = [e for e in self.events if isinstance(e, LoggedIn)]
+        if logged_in:
+            attempts = [i for i, e in enumerate(self.events) if isinstance(e, LoginAttempt)]
+            assert attempts and attempts[0] < self.events.index(logged_in[0])
 
 
-ServerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=25, deadline=None)
+class ClientMachine(SessionMachine):
+    """The client against a random server (which may not know the secret or the CA)."""
+
+    STATES = frozenset({State.HELLO_SENT, State.LOGIN_SENT, State.ESTABLISHED, State.CLOSED})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ca_ok = False  # a Challenge with the pinned CA was accepted
+        self.good_login_ok = False  # a LoginOk with a valid proof and sane settings arrived
+
+    def make_session(self) -> TrunkSession:
+        return new_client()
+
+    @initialize(start=st.sampled_from([State.HELLO_SENT, State.LOGIN_SENT, State.ESTABLISHED]))
+    def start_in(self, start: State) -> None:
+        if start is not State.HELLO_SENT:
+            self.challenge(PROTOCOL_VERSION, 32, pinned=True, split=0)
+        if start is State.ESTABLISHED:
+            self.login_ok(good_proof=True, settings=(1.0, 4.0), split=0)
+        assert self.session.state is start
+
+    @rule(
+        version=st.sampled_from([PROTOCOL_VERSION, PROTOCOL_VERSION + 1, 0]),
+        nonce_size=st.sampled_from([32, 16, 15, 0]),
+        pinned=st.booleans(),
+        split=st.integers(0, 60),
+    )
+    def challenge(self, version: int, nonce_size: int, pinned: bool, split: int) -> None:
+        acceptable = (
+            self.session.state is State.HELLO_SENT
+            and version == PROTOCOL_VERSION
+            and nonce_size >= 16
+            and pinned
+        )
+        nonce = SERVER_NONCE[:nonce_size]
+        ca = CA_CERT if pinned else b"other CA"
+        self._feed(encode_message(Challenge(version, nonce, "fuzz", ca)), split)
+        if acceptable:
+            assert self.session.state is State.LOGIN_SENT
+            self.ca_ok = True
+
+    @rule(
+        good_proof=st.booleans(),
+        settings=st.sampled_from(
+            [(1.0, 4.0), (0.5, 30.0), (0.0, 4.0), (5.0, 4.0), (math.nan, 4.0)]
+        ),
+        split=st.integers(0, 80),
+    )
+    def login_ok(self, good_proof: bool, settings: tuple[float, float], split: int) -> None:
+        interval, dead_after = settings
+        acceptable = (
+            self.session.state is State.LOGIN_SENT and good_proof and 0 < interval < dead_after
+        )
+        proof = server_proof(
+            SECRET if good_proof else WRONG_SECRET, OFFICE, SERVER_NONCE, CLIENT_NONCE
+        )
+        msg = good_login_ok(server_proof=proof, heartbeat_interval=interval, dead_after=dead_after)
+        self._feed(encode_message(msg), split)
+        if acceptable:
+            assert self.session.state is State.ESTABLISHED
+            self.good_login_ok = True
+
+    @rule(retry_after=st.sampled_from([0.0, 1.0, 60.0]))
+    def login_refused(self, retry_after: float) -> None:
+        self._feed(encode_message(LoginRefused("no", retry_after)))
+
+    def check_role(self, sent_frames: list[Message | UnknownMessage]) -> None:
+        hellos = [m for m in sent_frames if isinstance(m, Hello)]
+        logins = [m for m in sent_frames if isinstance(m, Login)]
+        assert len(hellos) == 1 and sent_frames[0] is hellos[0]
+        assert len(logins) <= 1
+        if logins:
+            # A proof is only ever computed for a main host whose CA matched the pin.
+            assert self.ca_ok
+            assert logins[0].proof == good_login().proof
+        if any(isinstance(e, LoggedIn) for e in self.events):
+            assert self.good_login_ok
+
+
+ServerMachine.TestCase.settings = MACHINE_SETTINGS
+ClientMachine.TestCase.settings = MACHINE_SETTINGS
 TestServerMachine = ServerMachine.TestCase
+TestClientMachine = ClientMachine.TestCase
