@@ -17,9 +17,11 @@ CA_NAME = "ca.pem"
 class TrunkConfig:
     main_host: str = cfg.field("", "Address of the main host (from the join token).")
     port: int = cfg.field(5090, "The main host's trunk port (TCP, TLS).")
-    connect_timeout: float = cfg.field(4.0, "Seconds to wait for TCP + TLS + login.")
+    connect_timeout: float = cfg.field(
+        3.0, "Seconds to wait for the TCP connection and TLS handshake."
+    )
     backoff_max: float = cfg.field(
-        3.0, "Longest wait between reconnect attempts while an outage is short (seconds)."
+        2.0, "Longest wait between reconnect attempts while an outage is short (seconds)."
     )
     backoff_max_long: float = cfg.field(
         15.0, "Longest wait between reconnect attempts after 5 minutes of outage (seconds)."
