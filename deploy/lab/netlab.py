@@ -29,11 +29,11 @@ NAT behaviour: the router masquerades everything leaving wan
 is free (port preserving) and lets in only replies from the exact address and port a LAN host sent
 to (conntrack), i.e. a port-restricted cone in RFC 3489 §5 terms. `symmetric=True` adds
 `--random-fully`: every new destination gets a random public port, a symmetric NAT. The router
-also drops everything arriving on wan that is not a reply (`FORWARD -i wan` without ESTABLISHED/
-RELATED), so nothing from the internet reaches a LAN host unsolicited, even with a route to the
-LAN. Interface names (≤ 15 characters): br0 and o<k> / main in the internet namespace, eth0 in
-main and LAN hosts, wan / lan / h<n> in routers. IPv6 is disabled in every namespace so that no
-link-local address appears.
+also drops everything arriving on wan that is not a reply (FORWARD and INPUT `-i wan` without
+ESTABLISHED/RELATED), so nothing from the internet reaches a LAN host unsolicited, even with a
+route to the LAN, nor the router itself. Interface names (≤ 15 characters): br0 and o<k> / main
+in the internet namespace, eth0 in main and LAN hosts, wan / lan / h<n> in routers. IPv6 is
+disabled in every namespace so that no link-local address appears.
 
 API
 ---
@@ -44,6 +44,7 @@ API
       .offices, .office(k or "o<k>"), .namespaces(), .add_office(symmetric=False) -> Office,
       .run(ns, argv, **kw) -> CompletedProcess, .popen(ns, argv, **kw) -> Popen  (`ip netns
         exec`; keyword arguments go to subprocess; `ns` must be one of this lab's namespaces),
+        .exec_argv(ns, argv) -> list[str] (the same command line, for trio.run_process),
       .destroy() (idempotent), .detach() (keep it after this process exits: `lab up`),
       .describe() -> str (the table `lab up` prints), Lab.load(id) (a lab from the registry).
     Office: .index, .name ("o<k>"), .router_ns, .public_address, .lan_subnet,
@@ -81,7 +82,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -309,7 +310,7 @@ def cleanup_stale() -> list[str]:
 class Host:
     """A machine on an office LAN: its own namespace, one address, default route via the router."""
 
-    office: Office
+    office: Office = field(repr=False)
     name: str
     index: int  # 1-based; the router's port for it is h<index>
     address: str
@@ -329,7 +330,7 @@ class Host:
 class Office:
     """A branch office: a NAT router namespace and the LAN hosts behind it."""
 
-    lab: Lab
+    lab: Lab = field(repr=False)
     index: int
     symmetric: bool
     lan_subnet: str
@@ -468,6 +469,12 @@ def _router_rules(symmetric: bool) -> str:
         # A NAT router lets in replies only: nothing unsolicited reaches the LAN.
         f"-A FORWARD -i {WAN} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
         f"-A FORWARD -i {WAN} -j DROP",
+        # Nor anything unsolicited for the router itself, as on a real home router: accepted,
+        # such a packet would leave a conntrack entry holding the public port it was sent to,
+        # and the NAT would then map the next flow from that LAN port to another port (a
+        # port-preserving NAT would look symmetric to RFC 3489 tests).
+        f"-A INPUT -i {WAN} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+        f"-A INPUT -i {WAN} -j DROP",
         "COMMIT", "",
     ])  # fmt: skip
 
@@ -602,7 +609,12 @@ class Lab:
 
     # -- running things inside --
 
-    def _exec_argv(self, ns: str, argv: Sequence[str]) -> list[str]:
+    def exec_argv(self, ns: str, argv: Sequence[str]) -> list[str]:
+        """The argv running `argv` inside `ns` (`ip netns exec`), e.g. for `trio.run_process`.
+
+        Processes started this way are not tracked, but `destroy()` still kills them: it kills
+        everything inside the lab's namespaces.
+        """
         if self._destroyed:
             raise LabError(f"lab {self.id} is destroyed")
         if ns not in self.namespaces():
@@ -611,11 +623,11 @@ class Lab:
 
     def run(self, ns: str, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[Any]:
         """`subprocess.run(argv, **kw)` inside namespace `ns`."""
-        return subprocess.run(self._exec_argv(ns, argv), **kw)
+        return subprocess.run(self.exec_argv(ns, argv), **kw)
 
     def popen(self, ns: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
         """`subprocess.Popen(argv, **kw)` inside `ns`; `destroy()` kills and reaps it."""
-        proc = subprocess.Popen(self._exec_argv(ns, argv), **kw)
+        proc = subprocess.Popen(self.exec_argv(ns, argv), **kw)
         self._procs.append(proc)
         return proc
 
@@ -729,7 +741,8 @@ class Lab:
 # -- exit hooks -------------------------------------------------------------------------------
 
 _LIVE: dict[str, Lab] = {}
-_hooks_installed = False
+_atexit_installed = False
+_sigterm_installed = False
 _previous_sigterm: Callable[[int, FrameType | None], Any] | int | None = None
 
 
@@ -749,12 +762,13 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def _install_exit_hooks() -> None:
-    global _hooks_installed, _previous_sigterm
-    if _hooks_installed:
-        return
-    _hooks_installed = True
-    atexit.register(_destroy_live)
-    if threading.current_thread() is threading.main_thread():
+    global _atexit_installed, _sigterm_installed, _previous_sigterm
+    if not _atexit_installed:
+        _atexit_installed = True
+        atexit.register(_destroy_live)
+    # Signal handlers can only be set from the main thread; a later lab made there sets it.
+    if not _sigterm_installed and threading.current_thread() is threading.main_thread():
+        _sigterm_installed = True
         previous = signal.getsignal(signal.SIGTERM)
         # An ignored SIGTERM stays ignored; one set from C (None) we cannot chain to.
         if previous is signal.SIG_DFL or callable(previous):
