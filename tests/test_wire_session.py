@@ -24,7 +24,7 @@ from hypothesis.stateful import (
 )
 
 from shared.wire import session as session_module
-from shared.wire.frame import ErrorCode, encode_frame
+from shared.wire.frame import ErrorCode, FrameDecoder, encode_frame
 from shared.wire.messages import (
     MESSAGES,
     MIN_PROTOCOL_VERSION,
@@ -42,6 +42,7 @@ from shared.wire.messages import (
     Message,
     OfficeReport,
     UnknownMessage,
+    encode_body,
     encode_message,
 )
 from shared.wire.session import (
@@ -622,6 +623,29 @@ def test_unknown_fields_from_a_newer_peer_do_not_matter() -> None:
     )
     server.receive_data(encode_frame(Hello.TYPE, body), START)
     assert server.state is State.CHALLENGED
+
+
+def test_reserved_flags_are_ignored_on_receipt() -> None:
+    # docs/wire-protocol.md §2: flags are sent as 0 and ignored, so a later version may use them.
+    server = server_in(State.ESTABLISHED)
+    body = encode_body(DirectoryAck(5))
+    server.receive_data(encode_frame(DirectoryAck.TYPE, body, channel=2, flags=0xFFFF), START)
+    assert events_of(server) == [Received(DirectoryAck(5), 2)]
+    assert server.state is State.ESTABLISHED
+
+
+def test_we_send_flags_zero() -> None:
+    pair = SessionPair()
+    pair.login()
+    pair.client.send(DirectoryAck(1), channel=3)
+    pair.advance(3)
+    for side in (pair.client, pair.server):
+        data = bytes(pair.wire[id(side)])
+        decoder = FrameDecoder()
+        decoder.feed(data)
+        frames = list(iter(decoder.next_frame_untrusted, None))
+        assert len(frames) > 3
+        assert all(frame.flags == 0 for frame in frames)
 
 
 # --- heartbeats and dead peers -----------------------------------------------------------------
