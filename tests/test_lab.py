@@ -325,6 +325,72 @@ def test_load_finds_the_same_lab_in_the_registry(lab_factory: LabFactory) -> Non
         netlab.Lab.load("000000" if lab.id != "000000" else "ffffff")
 
 
+@pytest.mark.lab
+def test_describe_shows_the_lab_as_it_is(lab_factory: LabFactory) -> None:
+    lab = lab_factory(offices=2, symmetric=[2], hosts=["rh"])
+    text = lab.describe()
+    for ns in lab.namespaces():
+        assert ns in text
+    for address in [*lab.main_addresses, "203.0.113.101", "203.0.113.102", "192.0.2.10"]:
+        assert address in text
+    assert "symmetric" in text and "port-preserving" in text and "ip netns exec" in text
+    assert "CUT" not in text and "loss" not in text
+    lab.office(1).cut_wan()
+    lab.office(2).set_loss(12.5)
+    text = lab.describe()
+    assert "NAT port-preserving, WAN CUT" in text and "12.5 % loss" in text
+
+
+@pytest.mark.lab
+def test_an_office_lan_runs_out_of_addresses_with_a_clear_error(lab_factory: LabFactory) -> None:
+    office = lab_factory(offices=2, different_subnets=True).office(2)
+    hosts = [office.add_host(f"h{i}") for i in range(21)]
+    assert [h.address for h in hosts[:2]] == ["198.51.100.42", "198.51.100.43"]
+    assert hosts[-1].address == "198.51.100.62"  # the last address below the /27's broadcast
+    with pytest.raises(
+        netlab.LabError, match=re.escape("no free address left in 198.51.100.32/27")
+    ):
+        office.add_host("onetoomany")
+    assert len(office.hosts) == 21
+
+
+@pytest.mark.lab
+def test_two_labs_coexist_with_the_same_addresses(lab_factory: LabFactory) -> None:
+    labs = [lab_factory(hosts=["rh"]) for _ in range(2)]
+    assert labs[0].id != labs[1].id
+    assert not set(labs[0].namespaces()) & set(labs[1].namespaces())
+    for lab in labs:
+        udp = start_server(lab, UDP_ECHO, lab.main_addresses[0])
+        assert ask(lab.office(1).host("rh"), UDP_ASK, lab.main_addresses[0], udp)[0] == (
+            "203.0.113.101"
+        )
+
+
+def test_loading_an_unknown_lab_is_a_lab_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netlab, "_TOOLS", {"ip": "ip"})  # load() needs no tool before parsing
+    monkeypatch.setattr(netlab, "REGISTRY_DIR", Path(__file__).parent / "no-such-registry")
+    with pytest.raises(netlab.LabError, match="no lab"):
+        netlab.Lab.load("abcdef")
+
+
+@pytest.mark.lab
+def test_damaged_and_orphaned_registry_entries(lab_factory: LabFactory) -> None:
+    lab_factory(offices=1)  # makes sure the registry directory exists
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    damaged = netlab.REGISTRY_DIR / "f0f0f0.json"
+    damaged.write_text(json.dumps({"pid": gone.pid, "pid_start": "1", "offices": [{}]}))
+    try:
+        with pytest.raises(netlab.LabError, match="damaged"):
+            netlab.Lab.load("f0f0f0")
+        record = next(r for r in netlab.list_labs() if r.id == "f0f0f0")
+        assert not record.alive and record.namespaces == ()
+        assert "f0f0f0" in netlab.cleanup_stale()
+        assert not damaged.exists()
+    finally:
+        damaged.unlink(missing_ok=True)
+
+
 # -- NAT behaviour ----------------------------------------------------------------------------
 
 
@@ -474,6 +540,55 @@ def test_cut_wan_stops_traffic_both_ways_and_restore_brings_it_back(
     assert [d[0] for d in router.until(marker="router-back")] == ["router-back"]
 
 
+# TCP line echo, and a client that sends one line per line on its stdin and prints the echo.
+TCP_LINE_ECHO = """
+import socket, sys, threading
+srv = socket.create_server((sys.argv[1], 0))
+print(srv.getsockname()[1], flush=True)
+def serve(conn):
+    with conn, conn.makefile("rwb") as f:
+        for line in f:
+            f.write(line)
+            f.flush()
+while True:
+    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
+"""
+TCP_LINE_CLIENT = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20) as c:
+    f = c.makefile("rwb")
+    for line in sys.stdin:
+        f.write(line.encode())
+        f.flush()
+        print(f.readline().decode().strip(), flush=True)
+"""
+
+
+@pytest.mark.lab
+def test_an_established_tcp_connection_survives_a_cut(lab_factory: LabFactory) -> None:
+    lab = lab_factory(hosts=["rh"])
+    office = lab.office(1)
+    port = start_server(lab, TCP_LINE_ECHO, lab.main_addresses[0])
+    client = office.host("rh").popen(
+        [PYTHON, "-c", TCP_LINE_CLIENT, lab.main_addresses[0], str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert client.stdin is not None and client.stdout is not None
+
+    def say(line: str) -> str:
+        assert client.stdin is not None and client.stdout is not None
+        client.stdin.write(line + "\n")
+        client.stdin.flush()
+        return str(client.stdout.readline()).strip()
+
+    assert say("one") == "one"
+    office.cut_wan()
+    office.restore_wan()
+    assert say("two") == "two", "the cut keeps NAT state, so the connection goes on"
+
+
 @pytest.mark.lab
 def test_new_public_address_changes_what_the_server_sees(lab_factory: LabFactory) -> None:
     lab = lab_factory(offices=2, hosts=["rh"])
@@ -561,6 +676,21 @@ elif sys.argv[2] == "wait":
     sys.stdin.read()
 """
 
+# A program with its own SIGTERM handler set before the lab: the lab's handler chains to it.
+CHAINED_CHILD = """
+import signal, sys
+def on_term(signum, frame):
+    left = [n for n in netlab.list_namespaces() if n.startswith(lab.prefix)]
+    print("own handler ran, lab namespaces:", len(left), flush=True)
+    sys.exit(3)
+signal.signal(signal.SIGTERM, on_term)
+sys.path.insert(0, sys.argv[1])
+import netlab
+lab = netlab.Lab()
+print(lab.id, flush=True)
+sys.stdin.read()
+"""
+
 
 def run_child(mode: str) -> tuple[subprocess.Popen[str], str]:
     child = subprocess.Popen(
@@ -587,6 +717,29 @@ def test_labs_are_destroyed_when_their_process_exits_or_gets_sigterm(mode: str) 
         assert child.wait(timeout=20) == (0 if mode == "exit" else -signal.SIGTERM)
         assert lab_namespaces(lab_id) == []
         assert not (netlab.REGISTRY_DIR / f"{lab_id}.json").exists()
+    finally:
+        child.kill()
+        child.communicate()
+        netlab.destroy_lab(lab_id)
+
+
+@pytest.mark.lab
+def test_sigterm_destroys_the_lab_then_runs_the_programs_own_handler() -> None:
+    require_lab()
+    child = subprocess.Popen(
+        [PYTHON, "-c", CHAINED_CHILD, str(LAB_DIR)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    lab_id = child.stdout.readline().strip()
+    try:
+        assert len(lab_namespaces(lab_id)) == 3
+        child.send_signal(signal.SIGTERM)
+        out, _ = child.communicate(timeout=20)
+        assert child.returncode == 3
+        assert out.strip() == "own handler ran, lab namespaces: 0"
     finally:
         child.kill()
         child.communicate()
