@@ -109,37 +109,43 @@ class MainHost:
         assert isinstance(transport, trio.SocketListener)
         trunk_port = transport.socket.getsockname()[1]
         self.addresses["trunk"] = f"{config.trunk.listen}:{trunk_port}/tcp"
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.trunk.serve, trunk_listeners)
-            if config.stun.enabled:
-                await self._start_stun(nursery)
-            self.addresses["control"] = str(
-                await nursery.start(serve_control, self.data, self._control_handlers())
-            )
-            if config.api.enabled:
-                from mainhost.api import serve_api  # FastAPI is slow to import: only when used
+        # The store closes only after every task is gone: a task still inside trio.to_thread
+        # when the nursery is cancelled would otherwise use a closed database.
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.trunk.serve, trunk_listeners)
+                if config.stun.enabled:
+                    await self._start_stun(nursery)
+                self.addresses["control"] = str(
+                    await nursery.start(serve_control, self.data, self._control_handlers())
+                )
+                if config.api.enabled:
+                    from mainhost.api import serve_api  # FastAPI is slow to import: only when used
 
+                    try:
+                        binds = await nursery.start(
+                            serve_api, self, config.api.listen, config.api.port
+                        )
+                    except (OSError, BaseExceptionGroup) as failure:
+                        # hypercorn binds inside its own nurseries: the OSError comes in a group.
+                        leaf = next(
+                            (e for e in leaf_exceptions(failure) if isinstance(e, OSError)), None
+                        )
+                        if leaf is None:
+                            raise
+                        raise bind_error(
+                            "web API", config.api.listen, config.api.port, "tcp", leaf
+                        ) from None
+                    self.addresses["api"] = binds
+                log.info("main host serving: %s", self.addresses)
+                task_status.started(dict(self.addresses))
                 try:
-                    binds = await nursery.start(serve_api, self, config.api.listen, config.api.port)
-                except (OSError, BaseExceptionGroup) as failure:
-                    # hypercorn binds inside its own nurseries: the OSError comes in a group.
-                    leaf = next(
-                        (e for e in leaf_exceptions(failure) if isinstance(e, OSError)), None
-                    )
-                    if leaf is None:
-                        raise
-                    raise bind_error(
-                        "web API", config.api.listen, config.api.port, "tcp", leaf
-                    ) from None
-                self.addresses["api"] = binds
-            log.info("main host serving: %s", self.addresses)
-            task_status.started(dict(self.addresses))
-            try:
-                await trio.sleep_forever()
-            finally:
-                with trio.CancelScope(shield=True):
-                    await self.trunk.close_all("main host shutting down")
-                self.store.close()
+                    await trio.sleep_forever()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self.trunk.close_all("main host shutting down")
+        finally:
+            self.store.close()
 
     async def _start_stun(self, nursery: trio.Nursery) -> None:
         from mainhost.stun import serve_stun
