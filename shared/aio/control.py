@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,7 @@ import trio
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 MAX_REQUEST = 64 * 1024
+log = logging.getLogger("shared.control")
 
 
 class ControlError(Exception):
@@ -80,6 +82,11 @@ async def _handle(stream: trio.SocketStream, handlers: dict[str, Handler]) -> No
                 answer = {"ok": True, "result": await handler(request)}
             except ControlError as exc:
                 answer = {"ok": False, "error": str(exc)}
+            except Exception as exc:
+                # A handler's bug must not take the host down with it (serve_listeners would
+                # let it escape): log it and answer, like any other failed request.
+                log.exception("control command %r failed", request.get("cmd"))
+                answer = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
         try:
             await stream.send_all(json.dumps(answer, default=str).encode() + b"\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
