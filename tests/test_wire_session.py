@@ -275,6 +275,49 @@ def test_byte_at_a_time_login() -> None:
     assert client.state is server.state is State.ESTABLISHED
 
 
+@given(
+    office=st.text(min_size=1, max_size=30),
+    secret=st.binary(min_size=16, max_size=64),
+    client_nonce=st.binary(min_size=16, max_size=64),
+    server_nonce=st.binary(min_size=16, max_size=64),
+    other=st.binary(min_size=16, max_size=64),
+)
+def test_login_works_for_any_office_secret_and_nonces(
+    office: str, secret: bytes, client_nonce: bytes, server_nonce: bytes, other: bytes
+) -> None:
+    # Office names are UTF-8 and may hold the "|" separator; nonces may be any length >= 16.
+    pair = SessionPair(
+        office=office,
+        secret=secret,
+        offices={office: secret},
+        client_nonce=client_nonce,
+        server_nonce=server_nonce,
+    )
+    pair.login()
+    assert pair.server.office == office
+    if other != secret:
+        wrong = SessionPair(
+            office=office,
+            secret=other,
+            offices={office: secret},
+            client_nonce=client_nonce,
+            server_nonce=server_nonce,
+        )
+        wrong.pump()
+        assert wrong.client.closed and wrong.server.closed
+        assert isinstance(wrong.take(wrong.client)[0], LoginRejected)
+
+
+def test_replaced_session_hears_why() -> None:
+    pair = SessionPair()
+    pair.login()
+    pair.take(pair.client)
+    pair.server.close(ErrorCode.REPLACED, "")
+    assert pair.take(pair.client) == [
+        Closed(ErrorCode.REPLACED, "replaced by a newer login", by_peer=True)
+    ]
+
+
 # --- refused logins ----------------------------------------------------------------------------
 
 
