@@ -698,3 +698,79 @@ def test_many_content_length_lines_fail_fast():
     head = b"OPTIONS sip:a SIP/2.0\r\n" + b"l: 0\r\n" * 5000
     with pytest.raises(SipParseError, match="Multiple Content-Length"):
         content_length_of_head(head)
+
+
+COMPACT = {"Via": "v", "From": "f", "To": "t", "Call-ID": "i", "Contact": "m"}
+
+
+@given(requests(), st.data())
+def test_spelling_does_not_change_meaning(msg, data):
+    """Name case, compact forms, LWS around the colon and folded lines all parse the same."""
+    lines = [msg.start_line]
+    for name, value in msg.headers:
+        spellings = [name, name.lower(), name.upper()]
+        if name in COMPACT:
+            spellings += [COMPACT[name], COMPACT[name].upper()]
+        spelled = data.draw(st.sampled_from(spellings))
+        colon = data.draw(st.sampled_from([":", " :", ":  ", "\t: ", ":\r\n "]))
+        if " " in value and "  " not in value and data.draw(st.booleans()):
+            value = value.replace(" ", "\r\n\t", 1)
+        lines.append(f"{spelled}{colon}{value}")
+    lines.append(f"l: {len(msg.body)}")
+    again = request(("\r\n".join(lines) + "\r\n\r\n").encode() + msg.body)
+    validate_request_untrusted(again)
+    # Unknown names keep the sender's spelling; Headers compare names case-insensitively.
+    assert Headers(h for h in again.headers if h[0] != "Content-Length") == msg.headers
+    assert again.body == msg.body
+    assert again.vias == msg.vias
+    assert again.to == msg.to
+
+
+HEADER_NAMES = st.sampled_from(["Via", "v", "Route", "X-A", "x-a", "Contact", "m"])
+OPERATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "add_first", "set", "remove", "remove_first"]),
+        HEADER_NAMES,
+        st.text(alphabet="abc ,;", max_size=5),
+    ),
+    max_size=20,
+)
+
+
+@given(OPERATIONS)
+def test_headers_behave_like_a_list_of_pairs(operations):
+    """Every Headers operation, checked against a plain list model."""
+    headers = Headers()
+    model: list[tuple[str, str]] = []
+
+    def key(name: str) -> str:
+        return {"v": "via", "m": "contact"}.get(name.lower(), name.lower())
+
+    for op, name, value in operations:
+        canonical = {"via": "Via", "contact": "Contact", "route": "Route"}.get(key(name), name)
+        same = [i for i, (n, _) in enumerate(model) if key(n) == key(name)]
+        if op == "add":
+            headers.add(name, value)
+            model.append((canonical, value))
+        elif op == "add_first":
+            headers.add_first(name, value)
+            model.insert(same[0] if same else 0, (canonical, value))
+        elif op == "set":
+            headers.set(name, value)
+            if same:
+                model = [h for i, h in enumerate(model) if i not in same[1:]]
+                model[same[0]] = (canonical, value)
+            else:
+                model.append((canonical, value))
+        elif op == "remove":
+            assert headers.remove(name) == len(same)
+            model = [h for i, h in enumerate(model) if i not in same]
+        else:
+            removed = headers.remove_first(name)
+            if same:
+                assert removed == model.pop(same[0])[1]
+            else:
+                assert removed is None
+        assert [(key(n), v) for n, v in headers] == [(key(n), v) for n, v in model]
+        assert headers.get_all(name) == [v for n, v in model if key(n) == key(name)]
+        assert (name in headers) == any(key(n) == key(name) for n, _ in model)
