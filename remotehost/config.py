@@ -55,10 +55,30 @@ class StunConfig:
 class SipConfig:
     listen: str = cfg.field("0.0.0.0", "Address the phones' SIP service listens on.")
     port: int = cfg.field(5060, "SIP port for the office's phones (UDP and TCP).")
+    domains: tuple[str, ...] = cfg.field(
+        (),
+        "Extra SIP domains phones may register to (this box's IP addresses and the realm"
+        " are always served).",
+    )
+    keepalive_interval: float = cfg.field(
+        20.0, "Seconds between OPTIONS pings to phones registered over UDP (keeps NAT open)."
+    )
+    digest_algorithms: tuple[str, ...] = cfg.field(
+        ("MD5",),
+        "Digest algorithms offered to phones: MD5 and/or SHA-256 (RFC 8760). Many phones\n"
+        "answer only the first challenge and know only MD5: add SHA-256 when all yours can.",
+    )
 
     def __post_init__(self) -> None:
         check_ip("sip.listen", self.listen)
         check_port("sip.port", self.port)
+        check_positive("sip.keepalive_interval", self.keepalive_interval)
+        unknown = set(self.digest_algorithms) - {"MD5", "SHA-256"}
+        if unknown or not self.digest_algorithms:
+            raise ValueError(
+                "key 'sip.digest_algorithms' must list MD5 and/or SHA-256, not"
+                f" {list(self.digest_algorithms)}"
+            )
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ class DirectoryMirror:
         # The registrar looks credentials up on every REGISTER: from memory, not from sqlite.
         # Replaced whole (never mutated) after each applied change, so readers need no lock.
         self._cache: dict[str, DirectoryEntry] = {e.ext: e for e in self._load_entries()}
+        self.realm = self._meta("realm")
 
     def _load_entries(self) -> list[DirectoryEntry]:
         rows = self._db.execute(
@@ -124,6 +125,7 @@ class DirectoryMirror:
                 raise
             db.execute("COMMIT")
             self._cache = {e.ext: e for e in snapshot.entries}
+            self.realm = snapshot.realm
 
     def apply_delta(self, delta: DirectoryDelta) -> bool:
         """Apply a delta; False (and nothing changed) if it was not made for our version."""

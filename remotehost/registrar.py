@@ -48,6 +48,9 @@ class RegistrarPolicy:
     block_seconds: float = 300.0
 
 
+DEFAULT_POLICY = RegistrarPolicy()
+
+
 @dataclass
 class RegistrarStatistics:
     registers: int = 0
@@ -67,7 +70,7 @@ class Registrar:
         lookup_ha1: Callable[[str, str], str | None],
         serves_domain: Callable[[str], bool],
         location: Location,
-        policy: RegistrarPolicy = RegistrarPolicy(),
+        policy: RegistrarPolicy = DEFAULT_POLICY,
         server_name: str = "branchpbx",
     ) -> None:
         self.verifier = verifier

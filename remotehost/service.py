@@ -15,13 +15,18 @@ from typing import Any
 
 import trio
 
-from remotehost.config import CA_NAME, SECRET_NAME, RemoteHostConfig
+from remotehost import natprobe
+from remotehost.config import CA_NAME, CONFIG_NAME, SECRET_NAME, RemoteHostConfig
+from remotehost.location import DB_NAME as LOCATION_DB
+from remotehost.location import Location, SqliteLocationStore
 from remotehost.mirror import DB_NAME, DirectoryMirror
+from remotehost.sipservice import SipService
 from remotehost.uplink import SOFTWARE, Uplink, client_ssl_context
 from shared.aio.control import serve_control
 from shared.cli import CliError
 
 log = logging.getLogger("remotehost")
+DEFAULT_REALM = "branchpbx"
 
 
 def read_secret(data: Path) -> bytes:
@@ -60,6 +65,30 @@ class RemoteHost:
             mirror=self.mirror,
             boot_id=self.boot_id,
         )
+        self.location = Location()
+        self.location_store = SqliteLocationStore(data / LOCATION_DB)
+        self.location.load(self.location_store.load(time.time()))
+        self.uplink.attach_location(self.location)
+        self._domains = self._find_domains()
+        self.sip = SipService(
+            lookup_ha1=self.mirror.lookup_ha1,
+            realm=lambda: self.mirror.realm or DEFAULT_REALM,
+            domains=lambda: self._domains,
+            location=self.location,
+            store=self.location_store,
+            keepalive_interval=config.sip.keepalive_interval,
+            digest_algorithms=config.sip.digest_algorithms,
+        )
+
+    def _find_domains(self) -> set[str]:
+        """What a phone may put in its REGISTER's Request-URI: our addresses, the realm."""
+        domains = {"localhost", "127.0.0.1", "::1", *self.config.sip.domains}
+        if self.config.sip.listen not in ("0.0.0.0", "::"):
+            domains.add(self.config.sip.listen)
+        for interface in natprobe.lan_interfaces():
+            domains.update(str(a.ip) for a in interface.ipv4)
+            domains.update(str(a.ip).split("%")[0] for a in interface.ipv6)
+        return domains
 
     def status(self) -> dict[str, Any]:
         info = self.mirror.info()
@@ -82,6 +111,21 @@ class RemoteHost:
                 "realm": info.realm,
                 "range": f"{info.ext_first}-{info.ext_last}" if info.ext_last else None,
             },
+            "sip_address": f"{self.sip.address[0]}:{self.sip.address[1]}"
+            if self.sip.address
+            else None,
+            "registrations": [
+                {
+                    "ext": b.ext,
+                    "contact": b.contact,
+                    "source": b.source,
+                    "user_agent": b.user_agent,
+                    "expires_in": b.remaining(time.time()),
+                    "reachable": b.reachable,
+                }
+                for b in sorted(self.location.all(), key=lambda b: (b.ext, b.contact))
+            ],
+            "sip": self.sip.statistics(),
         }
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -92,14 +136,25 @@ class RemoteHost:
             info.version,
             info.entries,
         )
+        sip = self.config.sip
         try:
             async with trio.open_nursery() as nursery:
+                try:
+                    await nursery.start(self.sip.serve, sip.listen, sip.port)
+                except OSError as exc:
+                    raise CliError(
+                        f"SIP for phones: {sip.listen} port {sip.port}/udp+tcp:"
+                        f" {exc.strerror or exc} (sip.port in {self.data / CONFIG_NAME})"
+                    ) from None
                 await nursery.start(serve_control, self.data, {"status": self._status})
                 nursery.start_soon(self.uplink.run)
                 nursery.start_soon(self.uplink.watch_public_address)
                 task_status.started()
         finally:
+            with trio.CancelScope(shield=True):
+                await self.sip.flush()
             self.mirror.close()
+            self.location_store.close()
 
     async def _status(self, request: dict[str, Any]) -> Any:
         return await trio.to_thread.run_sync(self.status)

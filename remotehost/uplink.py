@@ -22,6 +22,7 @@ import trio
 
 from remotehost import natprobe
 from remotehost.config import RemoteHostConfig
+from remotehost.location import Binding, Location
 from remotehost.mirror import DirectoryMirror
 from shared.aio.trunk import ConnectionLost, TrunkConnection
 from shared.wire.frame import ErrorCode
@@ -31,6 +32,8 @@ from shared.wire.messages import (
     DirectorySnapshot,
     LanInterface,
     OfficeReport,
+    RegistrationInfo,
+    RegistrationUpdate,
 )
 from shared.wire.session import (
     Closed,
@@ -107,6 +110,13 @@ class Uplink:
         self._cancel_connection: trio.CancelScope | None = None
         self._address_changed_from: str | None = None
         self._wake = trio.Event()
+        self.location: Location | None = None
+        self._dirty_extensions: set[str] = set()
+
+    def attach_location(self, location: Location) -> None:
+        """Report this office's registrations to the main host (all at login, then changes)."""
+        self.location = location
+        location.add_listener(lambda ext, bindings: self._dirty_extensions.add(ext))
 
     @property
     def stun_server(self) -> tuple[str, int]:
@@ -239,12 +249,14 @@ class Uplink:
             f" (after {outage:.1f} s offline)" if outage else "",
         )
         nursery.start_soon(self._report)
+        nursery.start_soon(self._report_registrations)
 
     async def _report(self) -> None:
         """Learn the LAN and the NAT type, and tell the main host (at every login)."""
         lan = natprobe.lan_interfaces()
         self.state.lan = [
-            {"name": i.name, "addresses": [str(a.ip) for a in (*i.ipv4, *i.ipv6)]} for i in lan
+            {"name": i.name, "addresses": [str(a.ip) for a in i.ipv4] + [str(a.ip) for a in i.ipv6]}
+            for i in lan
         ]
         host, port = self.stun_server
         probe = await natprobe.probe_nat_type(host, port, timeout=self.config.stun.probe_timeout)
@@ -273,6 +285,33 @@ class Uplink:
                 self._address_changed_from = None
             except ConnectionLost:
                 pass
+
+    async def _report_registrations(self, interval: float = 0.2) -> None:
+        """All registrations at login, then the changed extensions every `interval`."""
+        location = self.location
+        if location is None:
+            return
+        self._dirty_extensions.clear()
+        update: RegistrationUpdate | None = RegistrationUpdate(
+            True, [], [_info(b) for b in location.all()]
+        )
+        while True:
+            conn = self.conn
+            if conn is None:
+                return
+            if update is not None:
+                try:
+                    await conn.send(update)
+                except ConnectionLost:
+                    return
+            await trio.sleep(interval)
+            if self._dirty_extensions:
+                extensions = sorted(self._dirty_extensions)
+                self._dirty_extensions.clear()
+                bindings = [_info(b) for ext in extensions for b in location.get(ext)]
+                update = RegistrationUpdate(False, extensions, bindings)
+            else:
+                update = None
 
     async def _on_message(self, conn: TrunkConnection, event: Received) -> None:
         msg = event.message
@@ -314,6 +353,17 @@ class Uplink:
                     self._address_changed_from = old
                     self.reconnect_now("public address changed")
             await trio.sleep(interval)
+
+
+def _info(binding: Binding) -> RegistrationInfo:
+    return RegistrationInfo(
+        ext=binding.ext,
+        contact=binding.contact,
+        expires_at=binding.expires_at,
+        source=binding.source,
+        user_agent=binding.user_agent,
+        reachable=binding.reachable,
+    )
 
 
 def _reason(exc: BaseException) -> str:

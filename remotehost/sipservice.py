@@ -1,0 +1,351 @@
+"""The office's SIP service: transports, transactions, and what the remote host answers.
+
+This module wires the layers (STYLE.md: each consumes the events of the one below): the SIP
+transports (UDP and TCP on one port) hand validated messages to the transaction layer, whose
+events reach the dispatcher here: REGISTER to the registrar, OPTIONS answered, methods we know
+but do not serve get 405 with Allow, unknown ones 501, ACK never answered. It also runs what a
+registrar must do over time: expire bindings, save them to disk in batches, and ping UDP contacts
+with OPTIONS often enough to keep their NAT bindings open, marking those that stop answering.
+
+Sources that keep failing authentication are dropped before any parsing beyond the transport's,
+so a password-guessing flood costs us as little as possible.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import trio
+
+from remotehost.location import Binding, Location, SqliteLocationStore
+from remotehost.registrar import DEFAULT_POLICY, Origin, Registrar, RegistrarPolicy
+from shared.aio.sip_transport import (
+    Destination,
+    SipTransport,
+    SipTransportError,
+    Source,
+    serve_sip_transports,
+)
+from shared.sip.digest import DigestVerifier
+from shared.sip.message import Headers, SipMessage, SipRequest, SipResponse, make_response
+from shared.sip.transaction import (
+    AckReceived,
+    Event,
+    RequestReceived,
+    ResponseReceived,
+    SendMessage,
+    TransactionKey,
+    TransactionLayer,
+)
+
+log = logging.getLogger("remotehost.sip")
+SERVER_NAME = "branchpbx-remotehost/0.1"
+ALLOWED = ("REGISTER", "OPTIONS")
+# Methods of RFC 3261 and its extensions that we know, but this remote host does not serve yet:
+# 405 with Allow (RFC 3261 §21.4.6). Anything else is 501 (§21.5.2).
+KNOWN_METHODS = frozenset(
+    {"INVITE", "ACK", "BYE", "CANCEL", "INFO", "MESSAGE", "NOTIFY", "PRACK", "PUBLISH", "REFER",
+     "SUBSCRIBE", "UPDATE"}
+)  # fmt: skip
+
+
+@dataclass
+class Ping:
+    key: TransactionKey
+    ext: str
+    contact: str
+    answered: bool = False
+
+
+@dataclass
+class SipServiceStatistics:
+    requests: int = 0
+    blocked_drops: int = 0
+    options_answered: int = 0
+    not_allowed: int = 0
+    not_implemented: int = 0
+    pings_sent: int = 0
+    pings_answered: int = 0
+    send_failures: int = 0
+    registrar: dict[str, int] = field(default_factory=dict)
+
+
+class SipService:
+    def __init__(
+        self,
+        *,
+        lookup_ha1: Callable[[str, str], str | None],
+        realm: Callable[[], str],
+        domains: Callable[[], set[str]],
+        location: Location,
+        store: SqliteLocationStore,
+        policy: RegistrarPolicy = DEFAULT_POLICY,
+        keepalive_interval: float = 20.0,
+        missed_pings_unreachable: int = 2,
+        digest_algorithms: tuple[str, ...] = ("MD5",),
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.location = location
+        self.store = store
+        self.keepalive_interval = keepalive_interval
+        self.missed_pings_unreachable = missed_pings_unreachable
+        self._realm = realm
+        self._domains = domains
+        self._lookup_ha1 = lookup_ha1
+        self._policy = policy
+        self._wall = wall_clock
+        self._secret = secrets.token_bytes(32)
+        self._algorithms = digest_algorithms
+        self.registrar = self._make_registrar(realm())
+        self.layer = TransactionLayer()
+        self.transport: SipTransport | None = None
+        self.address: tuple[str, int] | None = None
+        self.stats = SipServiceStatistics()
+        self._pings: dict[TransactionKey, Ping] = {}
+        self._missed: dict[tuple[str, str], int] = {}
+        self._dirty: dict[str, list[Binding]] = {}
+        self._timer_changed = trio.Event()
+        location.add_listener(self._on_location_change)
+
+    def _make_registrar(self, realm: str) -> Registrar:
+        verifier = DigestVerifier(secret=self._secret, realm=realm, algorithms=self._algorithms)
+        return Registrar(
+            verifier=verifier,
+            lookup_ha1=self._lookup_ha1,
+            serves_domain=lambda host: host.strip("[]") in self._domains() or host == realm,
+            location=self.location,
+            policy=self._policy,
+            server_name=SERVER_NAME,
+        )
+
+    def _on_location_change(self, ext: str, bindings: list[Binding]) -> None:
+        self._dirty[ext] = bindings
+
+    # --- serving ---
+
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            address, transport = await nursery.start(
+                lambda task_status: serve_sip_transports(
+                    host, port, self.handle, log=log, task_status=task_status
+                )
+            )
+            self.transport, self.address = transport, address
+            nursery.start_soon(self._run_timers)
+            nursery.start_soon(self._maintain)
+            nursery.start_soon(self._ping_contacts)
+            log.info("SIP service for the office's phones on %s:%d (udp, tcp)", *address)
+            task_status.started(address)
+
+    async def handle(self, message: SipMessage, source: Source) -> None:
+        if isinstance(message, SipRequest):
+            self.stats.requests += 1
+            if self.registrar.blocked(source.remote[0], self._wall()):
+                # Answering a blocked password guesser would only help it.
+                self.stats.blocked_drops += 1
+                return
+        now = trio.current_time()
+        events = self.layer.receive(message, now, source, reliable=source.transport == "tcp")
+        await self._process(events)
+        self._timer_changed.set()
+
+    async def _process(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, SendMessage):
+                await self._send(event)
+            elif isinstance(event, RequestReceived):
+                response = self._dispatch(event.request, event.source)
+                if response is not None:
+                    more = self.layer.send_response(event.key, response, trio.current_time())
+                    await self._process(more)
+            elif isinstance(event, ResponseReceived):
+                ping = self._pings.get(event.key)
+                if ping is not None and event.response.status >= 200:
+                    self._pong(ping)
+            elif isinstance(event, AckReceived):
+                pass  # an ACK for a 2xx we never sent: nothing to do
+
+    async def _send(self, event: SendMessage) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        destination = event.destination
+        try:
+            if isinstance(destination, Source):
+                if isinstance(event.message, SipResponse):
+                    await transport.send_response(event.message, destination)
+                else:
+                    await transport.send_message(event.message, destination.destination)
+            elif isinstance(destination, Destination):
+                await transport.send_message(event.message, destination)
+        except SipTransportError as exc:
+            self.stats.send_failures += 1
+            log.debug("SIP send failed: %s", exc)
+            if event.key is not None:
+                await self._process(self.layer.transport_error(event.key, trio.current_time()))
+
+    def _dispatch(self, request: SipRequest, source: Any) -> SipResponse | None:
+        method = request.method
+        now = self._wall()
+        if method == "REGISTER":
+            assert isinstance(source, Source)
+            realm = self._realm()
+            if realm != self.registrar.verifier.realm:
+                # The directory's realm arrived or changed: new nonces for the new realm.
+                self.registrar = self._make_registrar(realm)
+            origin = Origin(source.transport, source.remote[0], source.remote[1])
+            return self.registrar.handle_register(request, origin, now)
+        if method == "OPTIONS":
+            self.stats.options_answered += 1
+            return self._reply(
+                request,
+                200,
+                headers=[
+                    ("Allow", ", ".join(ALLOWED)),
+                    ("Accept", "application/sdp"),
+                    ("Supported", "path, outbound"),
+                ],
+            )
+        if method in KNOWN_METHODS:
+            self.stats.not_allowed += 1
+            return self._reply(request, 405, headers=[("Allow", ", ".join(ALLOWED))])
+        self.stats.not_implemented += 1
+        return self._reply(request, 501, f"Not Implemented ({method})")
+
+    def _reply(
+        self,
+        request: SipRequest,
+        status: int,
+        reason: str | None = None,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> SipResponse:
+        return make_response(
+            request,
+            status,
+            reason,
+            to_tag=secrets.token_hex(6),
+            headers=[("Server", SERVER_NAME), *(headers or [])],
+        )
+
+    # --- over time ---
+
+    async def _run_timers(self) -> None:
+        while True:
+            deadline = self.layer.get_timer()
+            self._timer_changed = trio.Event()
+            with trio.move_on_at(deadline if deadline is not None else float("inf")):
+                await self._timer_changed.wait()
+                continue
+            await self._process(self.layer.handle_timer(trio.current_time()))
+
+    async def _maintain(self, interval: float = 0.2) -> None:
+        """Expire bindings and save changed ones, in batches."""
+        while True:
+            await trio.sleep(interval)
+            for binding in self.location.expire(self._wall()):
+                log.info("%s: %s expired", binding.ext, binding.contact)
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self._dirty:
+            changes, self._dirty = self._dirty, {}
+            await trio.to_thread.run_sync(self.store.save, changes)
+
+    async def _ping_contacts(self) -> None:
+        """OPTIONS to every UDP contact: keeps its NAT binding open, tells us it is alive."""
+        while True:
+            await trio.sleep(self.keepalive_interval)
+            # The previous round's pings that got no answer count as missed.
+            for ping in self._pings.values():
+                if not ping.answered:
+                    self._missed_ping(ping)
+            self._pings.clear()
+            for binding in self.location.all():
+                if binding.transport == "udp":
+                    await self._ping(binding)
+
+    async def _ping(self, binding: Binding) -> None:
+        transport, address = self.transport, self.address
+        if transport is None or address is None:
+            return
+        local_ip = _local_ip_towards(binding.source_ip, address[0])
+        headers = Headers()
+        branch = self.layer.new_branch()
+        headers.add("Via", f"SIP/2.0/UDP {local_ip}:{address[1]};branch={branch};rport")
+        headers.add("Max-Forwards", "70")
+        headers.add("From", f"<sip:keepalive@{local_ip}>;tag={secrets.token_hex(6)}")
+        headers.add("To", f"<{binding.contact}>")
+        headers.add("Call-ID", secrets.token_hex(12))
+        headers.add("CSeq", "1 OPTIONS")
+        headers.add("User-Agent", SERVER_NAME)
+        request = SipRequest("OPTIONS", binding.contact, headers)
+        destination = Destination("udp", (binding.source_ip, binding.source_port))
+        try:
+            key, events = self.layer.send_request(
+                request, trio.current_time(), destination, reliable=False
+            )
+        except Exception as exc:  # overload or a contact URI we cannot use: skip this round
+            log.debug("not pinging %s: %s", binding.contact, exc)
+            return
+        self._pings[key] = Ping(key, binding.ext, binding.contact)
+        self.stats.pings_sent += 1
+        await self._process(events)
+        self._timer_changed.set()
+
+    def _pong(self, ping: Ping) -> None:
+        ping.answered = True
+        self.stats.pings_answered += 1
+        self._missed.pop((ping.ext, ping.contact), None)
+        binding = self.location.find(ping.ext, ping.contact)
+        if binding is not None and not binding.reachable:
+            log.info("%s: %s answers again", ping.ext, ping.contact)
+            self.location.set_reachable(ping.ext, ping.contact, True)
+
+    def _missed_ping(self, ping: Ping) -> None:
+        key = (ping.ext, ping.contact)
+        missed = self._missed.get(key, 0) + 1
+        self._missed[key] = missed
+        binding = self.location.find(ping.ext, ping.contact)
+        if binding is not None and binding.reachable and missed >= self.missed_pings_unreachable:
+            log.warning(
+                "%s: %s does not answer (%d pings missed): unreachable",
+                ping.ext,
+                ping.contact,
+                missed,
+            )
+            self.location.set_reachable(ping.ext, ping.contact, False)
+
+    def statistics(self) -> dict[str, Any]:
+        stats = self.stats
+        stats.registrar = asdict(self.registrar.stats)
+        transport = self.transport.statistics() if self.transport else None
+        return {
+            "service": asdict(stats),
+            "transport": asdict(transport) if transport else None,
+            "transactions": asdict(self.layer.statistics()),
+        }
+
+
+def _local_ip_towards(remote_ip: str, bound_ip: str) -> str:
+    """Our address as `remote_ip` sees it: the bound one, or the route's source address."""
+    if bound_ip not in ("0.0.0.0", "::"):
+        return bound_ip
+    family = socket.AF_INET6 if ":" in remote_ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((remote_ip, 9))  # no packet is sent: this only asks the routing table
+            return str(probe.getsockname()[0])
+        except OSError:
+            return "127.0.0.1" if family == socket.AF_INET else "::1"
