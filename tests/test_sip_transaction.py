@@ -38,6 +38,7 @@ from shared.sip.transaction import (
     AckReceived,
     ClientTransaction,
     Event,
+    Input,
     InviteClientTransaction,
     InviteServerTransaction,
     NonInviteClientTransaction,
@@ -1027,8 +1028,12 @@ class Endpoint:
     (retransmitting the 2xx itself, §13.3.1.4) and REGISTER with 200, and a UAC that ACKs
     every 2xx it is given through a `Dialog` (§13.2.2.4)."""
 
-    def __init__(self, name: str, network: LossyNetwork, reliable: bool) -> None:
+    def __init__(
+        self, name: str, network: LossyNetwork, reliable: bool, *, cancel: bool = False
+    ) -> None:
         self.name = name
+        self.cancel = cancel  # UAS: ring only, honour CANCEL; UAC: CANCEL after a 1xx
+        self.cancel_sent = False
         self.network = network
         self.reliable = reliable
         self.layer = TransactionLayer(random_bytes=random.Random(name).randbytes)
@@ -1088,6 +1093,17 @@ class Endpoint:
 
     def answer(self, event: RequestReceived, now: float) -> None:
         req = event.request
+        if req.method == "CANCEL":
+            # §9.2: 200 for the CANCEL, 487 for the INVITE if it is still pending.
+            self.dispatch(self.layer.send_response(event.key, response(req, 200, "uas"), now), now)
+            invite_txn = self.layer.get(event.cancels) if event.cancels else None
+            if invite_txn is not None and invite_txn.state is State.PROCEEDING:
+                terminated = response(invite_txn.request, 487, "uas")
+                self.dispatch(self.layer.send_response(invite_txn.key, terminated, now), now)
+            return
+        if req.method == "INVITE" and self.cancel:
+            self.dispatch(self.layer.send_response(event.key, response(req, 180, "uas"), now), now)
+            return
         if req.method == "INVITE":
             self.dispatch(self.layer.send_response(event.key, response(req, 180, "uas"), now), now)
             ok = make_response(
@@ -1104,6 +1120,12 @@ class Endpoint:
 
     def on_response(self, resp: SipResponse, now: float) -> None:
         if resp.status < 200:
+            if self.cancel and not self.cancel_sent and self.invite is not None:
+                # §9.1: a CANCEL only once a provisional response has come.
+                self.cancel_sent = True
+                cancel = make_cancel(self.invite)
+                _, events = self.layer.send_request(cancel, now, "uas", reliable=self.reliable)
+                self.dispatch(events, now)
             return
         self.finals.append(resp)
         if resp.cseq.method == "INVITE" and resp.status < 300:
@@ -1130,10 +1152,13 @@ class Endpoint:
         self.dispatch(self.layer.send_request(req, now, "uas", reliable=self.reliable)[1], now)
 
 
-def run_conversation(method: str, seed: int, **network: Any) -> tuple[Endpoint, Endpoint]:
+def run_conversation(
+    method: str, seed: int, *, cancel: bool = False, **network: Any
+) -> tuple[Endpoint, Endpoint]:
     net = LossyNetwork(seed, **network)
     reliable = bool(network.get("reliable", False))
-    uac, uas = Endpoint("uac", net, reliable), Endpoint("uas", net, reliable)
+    uac = Endpoint("uac", net, reliable, cancel=cancel)
+    uas = Endpoint("uas", net, reliable, cancel=cancel)
     endpoints = {"uac": uac, "uas": uas}
     uac.start(method, 0.0)
     now = 0.0
@@ -1241,3 +1266,151 @@ def test_a_dead_network_times_out_cleanly(method: str) -> None:
     assert uac.timeouts and not uac.finals and not uas.requests_seen
     # Over UDP the request was sent 1 + retransmissions times, all lost.
     assert uac.layer.statistics().retransmissions_sent == (6 if method == "INVITE" else 10)
+
+
+@pytest.mark.parametrize(
+    "network",
+    [
+        {"loss": 0.3, "duplicate": 0.2, "max_delay": 0.4},
+        {"loss": 0.1, "duplicate": 0.5, "max_delay": 1.0},
+        {"reliable": True, "max_delay": 0.5},
+    ],
+    ids=["lossy", "duplicating", "reliable"],
+)
+def test_cancel_over_a_terrible_network(network: dict[str, Any]) -> None:
+    for seed in range(40):
+        uac, uas = run_conversation("INVITE", seed, cancel=True, **network)
+        for endpoint in (uac, uas):
+            assert len(endpoint.layer) == 0 and endpoint.layer.get_timer() is None
+        assert uac.cancel_sent
+        # The INVITE ends with exactly one 487 (absorbed retransmissions, ACKed by the
+        # transaction); the CANCEL with its 200.
+        invite_finals = [r.status for r in uac.finals if r.cseq.method == "INVITE"]
+        cancel_finals = [r.status for r in uac.finals if r.cseq.method == "CANCEL"]
+        assert invite_finals == [487]
+        assert cancel_finals == [200] or (uac.timeouts and not cancel_finals)
+        # The UAS's TU saw one INVITE and one CANCEL, however often the network copied them.
+        assert sorted(r.method for r, existed in uas.requests_seen if not existed) == [
+            "CANCEL",
+            "INVITE",
+        ]
+
+
+# --- the layer under random traffic ----------------------------------------------------------
+
+BRANCHES = [MAGIC_COOKIE + "1", MAGIC_COOKIE + "2", "rfc2543-branch", None]
+
+
+class LayerUnderRandomTraffic(RuleBasedStateMachine):
+    """Random requests, responses, TU answers, transport errors and time, thrown at a small
+    layer: it never raises anything but TransactionError for TU misuse the tables forbid,
+    never holds more than its bound, and keeps its books."""
+
+    @initialize()
+    def start(self) -> None:
+        self.layer = TransactionLayer(max_transactions=6, random_bytes=counter_bytes())
+        self.now = 0.0
+        self.server_keys: list[TransactionKey] = []
+        self.client_keys: list[TransactionKey] = []
+        self.sent_requests: list[SipRequest] = []
+
+    def feed(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, RequestReceived):
+                assert self.layer.get(event.key) is not None
+                self.server_keys.append(event.key)
+            elif (
+                isinstance(event, SendMessage)
+                and isinstance(event.message, SipRequest)
+                and event.message.method != "ACK"
+            ):
+                self.sent_requests.append(event.message)
+
+    @rule(
+        method=st.sampled_from(["INVITE", "ACK", "CANCEL", "OPTIONS", "REGISTER", "BYE"]),
+        branch=st.sampled_from(BRANCHES),
+        host=st.sampled_from(["a.example.com", "b.example.com"]),
+        seq=st.integers(1, 3),
+        to_tag=st.sampled_from([None, "bob-tag", "other"]),
+        reliable=st.booleans(),
+    )
+    def incoming_request(
+        self,
+        method: str,
+        branch: str | None,
+        host: str,
+        seq: int,
+        to_tag: str | None,
+        reliable: bool,
+    ) -> None:
+        req = request(method, branch=branch, host=host, seq=seq, to_tag=to_tag)
+        self.feed(self.layer.receive(req, self.now, host, reliable=reliable))
+
+    @rule(data=st.data(), status=st.sampled_from([100, 180, 200, 404, 487, 503]))
+    def incoming_response(self, data: st.DataObject, status: int) -> None:
+        reply_to_ours = data.draw(st.booleans())
+        if self.sent_requests and reply_to_ours:
+            req = data.draw(st.sampled_from(self.sent_requests))
+        else:
+            req = request(data.draw(st.sampled_from(["INVITE", "OPTIONS"])), branch=BRANCHES[0])
+        self.feed(self.layer.receive(response(req, status), self.now, "x", reliable=False))
+
+    @rule(data=st.data(), status=st.sampled_from([100, 180, 200, 486]))
+    def tu_answers(self, data: st.DataObject, status: int) -> None:
+        if not self.server_keys:
+            return
+        key = data.draw(st.sampled_from(self.server_keys))
+        txn = self.layer.get(key)
+        if txn is None:
+            with pytest.raises(TransactionError):
+                self.layer.send_response(key, response(request(), status), self.now)
+            return
+        resp = response(txn.request, status)
+        allowed = status != 100 or key.method != "INVITE"
+        try:
+            self.feed(self.layer.send_response(key, resp, self.now))
+        except TransactionError:
+            stimulus = {1: Input.TU_PROVISIONAL, 2: Input.TU_SUCCESS}.get(
+                status // 100, Input.TU_FAILURE
+            )
+            assert not allowed or (txn.state, stimulus) not in txn.TABLE
+
+    @rule(method=st.sampled_from(["INVITE", "OPTIONS", "REGISTER"]), reliable=st.booleans())
+    def tu_sends(self, method: str, reliable: bool) -> None:
+        req = request(method, branch=self.layer.new_branch())
+        try:
+            key, events = self.layer.send_request(req, self.now, "peer", reliable=reliable)
+        except OverloadError:
+            assert len(self.layer) == self.layer.max_transactions
+            return
+        self.client_keys.append(key)
+        self.feed(events)
+
+    @rule(data=st.data())
+    def transport_fails(self, data: st.DataObject) -> None:
+        keys = self.server_keys + self.client_keys
+        if keys:
+            self.feed(self.layer.transport_error(data.draw(st.sampled_from(keys)), self.now))
+
+    @rule(dt=st.floats(0, 20))
+    def time_passes(self, dt: float) -> None:
+        self.now += dt
+        self.feed(self.layer.handle_timer(self.now))
+
+    @invariant()
+    def books_are_kept(self) -> None:
+        if not hasattr(self, "layer"):
+            return
+        stats = self.layer.statistics()
+        assert len(self.layer) <= self.layer.max_transactions
+        assert stats.active == len(self.layer)
+        assert stats.client_created + stats.server_created - stats.terminated == len(self.layer)
+        assert all(not t.terminated for t in self.layer._transactions.values())
+        timer = self.layer.get_timer()
+        assert timer is None or timer > self.now
+
+
+TestLayerUnderRandomTraffic = LayerUnderRandomTraffic.TestCase
+TestLayerUnderRandomTraffic.settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None
+)

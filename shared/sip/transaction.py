@@ -19,7 +19,8 @@ RFC 6026 is followed where it corrects RFC 3261: a 2xx moves INVITE transactions
 instead of Terminated, so that retransmitted 2xx responses still reach the TU through the
 client transaction (Timer M) and retransmitted INVITEs are absorbed by the server transaction
 instead of looking like new calls (Timer L). Responses that match no transaction are dropped
-and counted (RFC 6026 §7.2), ACKs that match none go to the TU (they acknowledge a 2xx).
+and counted (RFC 6026 takes away RFC 3261's hand-over of stray responses to the core), ACKs
+that match none go to the TU (they acknowledge a 2xx).
 
 It is long (about 1000 lines, a quarter of them the RFC figures) on purpose: the four figures,
 their tables, the one executor and the layer are one section of the RFC (§17), and splitting
@@ -292,8 +293,9 @@ NON_INVITE_CLIENT: dict[tuple[State, Stimulus], Transition] = {
 #
 # RFC 6026 replaces "2xx from TU -> Terminated" by "-> Accepted": the TU sends the 2xx and its
 # retransmissions through the transaction, retransmitted INVITEs are absorbed, a matching ACK
-# goes to the TU, and Timer L (64*T1) leads to Terminated. The 100 Trying is always sent at once
-# (allowed: "send 100 if TU won't in 200ms").
+# goes to the TU, and Timer L (64*T1) leads to Terminated. A transport error in Accepted is
+# reported and the transaction stays (RFC 6026 §8.8: the TU may still retransmit). The 100 Trying
+# is always sent at once (allowed: "send 100 if TU won't in 200ms").
 INVITE_SERVER: dict[tuple[State, Stimulus], Transition] = {
     (_P, Input.REQUEST): (_P, (A.RESEND_RESPONSE,)),
     (_P, Input.TU_PROVISIONAL): (_P, (A.SEND_RESPONSE,)),
@@ -956,7 +958,8 @@ class TransactionLayer:
     def _receive_response(self, response: SipResponse, now: float) -> list[Event]:
         transaction = self._transactions.get(client_key(response))
         if not isinstance(transaction, ClientTransaction):
-            # RFC 6026 §7.2: a response matching no client transaction is discarded.
+            # RFC 6026: a response matching no client transaction is discarded, not handed to
+            # the core (the 2xx retransmissions it used to carry now match Accepted).
             self._stats.stray_responses += 1
             return []
         return self._after(transaction, transaction.receive(response, now))
