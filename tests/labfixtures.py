@@ -52,7 +52,7 @@ def require_lab() -> None:
     try:
         netlab.check_requirements()
     except netlab.NotRootError as exc:
-        pytest.skip(f"NAT lab: {exc}")
+        pytest.skip(str(exc))
     except netlab.LabError as exc:
         pytest.fail(f"NAT lab cannot run on this machine: {exc}", pytrace=False)
     if not _stale_cleaned:
