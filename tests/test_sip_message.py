@@ -729,7 +729,7 @@ def test_spelling_does_not_change_meaning(msg, data):
 HEADER_NAMES = st.sampled_from(["Via", "v", "Route", "X-A", "x-a", "Contact", "m"])
 OPERATIONS = st.lists(
     st.tuples(
-        st.sampled_from(["add", "add_first", "set", "remove", "remove_first"]),
+        st.sampled_from(["add", "add_first", "set", "replace_first", "remove", "remove_first"]),
         HEADER_NAMES,
         st.text(alphabet="abc ,;", max_size=5),
     ),
@@ -762,6 +762,12 @@ def test_headers_behave_like_a_list_of_pairs(operations):
                 model[same[0]] = (canonical, value)
             else:
                 model.append((canonical, value))
+        elif op == "replace_first":
+            headers.replace_first(name, value)
+            if same:
+                model[same[0]] = (canonical, value)
+            else:
+                model.insert(0, (canonical, value))
         elif op == "remove":
             assert headers.remove(name) == len(same)
             model = [h for i, h in enumerate(model) if i not in same]
@@ -774,3 +780,25 @@ def test_headers_behave_like_a_list_of_pairs(operations):
         assert [(key(n), v) for n, v in headers] == [(key(n), v) for n, v in model]
         assert headers.get_all(name) == [v for n, v in model if key(n) == key(name)]
         assert (name in headers) == any(key(n) == key(name) for n, _ in model)
+
+
+def test_top_via_is_parsed_alone():
+    msg = request(INVITE.replace(b"SIP/2.0/TCP edge.example.com", b"SIP/2.0/TCP bad host"))
+    assert msg.top_via.host == "pc33.atlanta.example.com"
+    assert msg.branch == "z9hG4bK776asdhds"
+    with pytest.raises(SipParseError):
+        _ = msg.vias
+    with pytest.raises(SipParseError, match="Empty Via element"):
+        _ = request(REGISTER.replace(b"Via: SIP", b"Via: ,SIP")).top_via
+
+
+def test_replace_first_stamps_the_top_via_in_place():
+    msg = request(INVITE)
+    stamped = msg.top_via.with_params(received="203.0.113.9")
+    msg.headers.replace_first("Via", str(stamped))
+    assert msg.top_via.received == "203.0.113.9"
+    assert [v.host for v in msg.vias][1:] == ["proxy.example.com", "edge.example.com"]
+    assert [n for n, _ in msg.headers][:3] == ["Via", "Via", "Max-Forwards"]
+    assert msg.raw is None
+    with pytest.raises(ValueError, match="CR/LF"):
+        msg.headers.replace_first("Via", "x\r\n")

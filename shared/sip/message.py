@@ -43,6 +43,7 @@ from shared.sip.headers import (
     parse_max_forwards_untrusted,
     parse_token_list_untrusted,
     parse_via_list_untrusted,
+    parse_via_untrusted,
     split_comma_untrusted,
 )
 from shared.sip.uri import SipUri, Uri, parse_uri_untrusted
@@ -251,6 +252,18 @@ class Headers:
         self._items.insert(index, (canonical_name(name), value))
         self._keys.insert(index, key)
 
+    def replace_first(self, name: str, value: str) -> None:
+        """Replace the value of the first line called `name` where it stands (a top Via
+        stamped with `received`), or insert a line at the top if there is none."""
+        _check_header_text(name, value)
+        key = header_key(name)
+        if key not in self._keys:
+            self.add_first(name, value)
+            return
+        self._touch()
+        index = self._keys.index(key)
+        self._items[index] = (canonical_name(name), value)
+
     def remove(self, name: str) -> int:
         """Remove every line called `name`; return how many there were."""
         key = header_key(name)
@@ -341,7 +354,16 @@ class _Accessors:
 
     @property
     def top_via(self) -> Via:
-        return self.vias[0]
+        """The top Via alone: parsed without the others, so that a reply can be routed even
+        when a lower Via is broken (RFC 3261 §18.2.2), and cheaply."""
+
+        def parse() -> Via:
+            first = split_comma_untrusted(self._vias_raw()[0])[0]
+            if not first:
+                raise bad_request("Empty Via element")
+            return parse_via_untrusted(first)
+
+        return self.headers.cached("top-via", parse)
 
     @property
     def branch(self) -> str | None:
