@@ -802,3 +802,22 @@ def test_replace_first_stamps_the_top_via_in_place():
     assert msg.raw is None
     with pytest.raises(ValueError, match="CR/LF"):
         msg.headers.replace_first("Via", "x\r\n")
+
+
+def test_copies_are_independent():
+    original = request(INVITE)
+    twin = original.copy()
+    assert twin == original
+    assert twin.encode() is INVITE
+    twin.headers.add_first("Via", "SIP/2.0/UDP b2bua.example.com;branch=z9hG4bKb2b")
+    assert len(twin.vias) == len(original.vias) + 1
+    assert original.encode() is INVITE
+    assert twin.encode() != INVITE
+    reply = response(OK)
+    reply_twin = reply.copy()
+    assert reply_twin == reply and reply_twin.encode() is OK
+    reply_twin.status = 202
+    assert reply.status == 200
+    assert response(reply_twin.encode()).status == 202
+    built = SipRequest("OPTIONS", "sip:a@b")
+    assert built.copy().raw is None

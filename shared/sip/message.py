@@ -496,6 +496,12 @@ class SipRequest(_Accessors):
         return (self.method, self.uri, self.version, self.headers, self.headers.generation,
                 self.body)  # fmt: skip
 
+    def copy(self) -> SipRequest:
+        """An independent copy (its own headers) that still re-sends the received bytes."""
+        twin = SipRequest(self.method, self.uri, self.headers.copy(), self.body, self.version)
+        _copy_raw(self, twin)
+        return twin
+
     @property
     def request_uri(self) -> Uri:
         """The Request-URI parsed (cached while `uri` is unchanged)."""
@@ -542,6 +548,12 @@ class SipResponse(_Accessors):
         return (str(self.status), self.reason, self.version, self.headers,
                 self.headers.generation, self.body)  # fmt: skip
 
+    def copy(self) -> SipResponse:
+        """An independent copy (its own headers) that still re-sends the received bytes."""
+        twin = SipResponse(self.status, self.reason, self.headers.copy(), self.body, self.version)
+        _copy_raw(self, twin)
+        return twin
+
     @property
     def start_line(self) -> str:
         return f"{self.version} {self.status} {self.reason}"
@@ -563,6 +575,13 @@ class SipResponse(_Accessors):
 
 
 SipMessage = SipRequest | SipResponse
+
+
+def _copy_raw(original: SipMessage, twin: SipMessage) -> None:
+    raw = original.raw
+    if raw is not None:
+        twin._raw = raw
+        twin._raw_stamp = twin._stamp()
 
 
 def _encode(start_line: str, headers: Headers, body: bytes) -> bytes:
