@@ -379,7 +379,8 @@ def test_damaged_and_orphaned_registry_entries(lab_factory: LabFactory) -> None:
     gone = subprocess.Popen(["true"])
     gone.wait()
     damaged = netlab.REGISTRY_DIR / "f0f0f0.json"
-    damaged.write_text(json.dumps({"pid": gone.pid, "pid_start": "1", "offices": [{}]}))
+    # No pid_start: an entry that cannot prove its creator still runs is stale.
+    damaged.write_text(json.dumps({"pid": gone.pid, "offices": [{}]}))
     try:
         with pytest.raises(netlab.LabError, match="damaged"):
             netlab.Lab.load("f0f0f0")

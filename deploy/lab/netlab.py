@@ -62,7 +62,7 @@ from the context manager, from `atexit` and on SIGTERM. Each lab records its cre
 start time in /run/branchpbx-lab/<id>.json; `cleanup_stale()` removes the namespaces of labs whose
 creator is gone (a test run killed with SIGKILL) unless the lab was detached (`lab up`).
 
-Why this module is over 700 lines (a third of it docstrings): it is one cohesive thing (a lab and its parts share the
+Why this module is over 700 lines: it is one cohesive thing (a lab and its parts share the
 registry, the command runner and the cleanup), and splitting it would scatter the address plan.
 The command-line front end lives in the `lab` script beside it.
 """
@@ -283,9 +283,8 @@ def list_labs() -> list[LabRecord]:
         desc = _read_registry(lab_id)
         persistent = bool(desc and desc.get("persistent"))
         pid = desc.get("pid") if desc else None
-        alive = persistent or (
-            isinstance(pid, int) and _process_start(pid) == (desc or {}).get("pid_start")
-        )
+        started = _process_start(pid) if isinstance(pid, int) else None
+        alive = persistent or (started is not None and started == (desc or {}).get("pid_start"))
         records.append(
             LabRecord(lab_id, persistent, pid if isinstance(pid, int) else None, alive,
                       tuple(sorted(names)), desc)
