@@ -12,6 +12,7 @@ cleanly, for many seeds.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import random
@@ -1414,3 +1415,24 @@ TestLayerUnderRandomTraffic = LayerUnderRandomTraffic.TestCase
 TestLayerUnderRandomTraffic.settings = settings(
     max_examples=60, stateful_step_count=40, deadline=None
 )
+
+
+def test_ack_and_cancel_copy_the_top_via_as_sent() -> None:
+    text = (
+        "INVITE sip:bob@example.com SIP/2.0\r\n"
+        "Via: SIP/2.0/UDP Client.Example.COM:5060 ;branch=z9hG4bKabc;rport, "
+        "SIP/2.0/TCP proxy.example.com;branch=z9hG4bKp\r\n"
+        "Via: SIP/2.0/UDP third.example.com;branch=z9hG4bK3\r\n"
+        "Max-Forwards: 70\r\nFrom: <sip:a@example.com>;tag=1\r\nTo: <sip:bob@example.com>\r\n"
+        "Call-ID: v@x\r\nCSeq: 4 INVITE\r\nContent-Length: 0\r\n\r\n"
+    )
+    invite = parse_message_untrusted(text.encode())
+    assert isinstance(invite, SipRequest)
+    validate_request_untrusted(invite)
+    top = "SIP/2.0/UDP Client.Example.COM:5060 ;branch=z9hG4bKabc;rport"
+    ack = make_ack_for_failure(invite, response(invite, 404))
+    cancel = make_cancel(invite)
+    assert ack.headers.get_all("Via") == [top] == cancel.headers.get_all("Via")
+    assert server_key(wire(ack)) == server_key(invite)  # type: ignore[arg-type]
+    cancel_key = dataclasses.replace(server_key(invite), method="CANCEL")
+    assert server_key(wire(cancel)) == cancel_key  # type: ignore[arg-type]

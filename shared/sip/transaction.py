@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from shared.sip.errors import SipParseError
-from shared.sip.headers import Via
+from shared.sip.headers import Via, split_comma_untrusted
 from shared.sip.message import Headers, SipMessage, SipRequest, SipResponse, make_response
 
 MAGIC_COOKIE = "z9hG4bK"
@@ -123,9 +123,6 @@ class Action(enum.Enum):
 Stimulus = Input | Timer
 Transition = tuple[State, tuple[Action, ...]]
 
-_C, _T, _P = State.CALLING, State.TRYING, State.PROCEEDING
-_CO, _CF, _AC, _X = State.COMPLETED, State.CONFIRMED, State.ACCEPTED, State.TERMINATED
-A = Action
 
 # RFC 3261 Figure 5: INVITE client transaction (with RFC 6026 §7.2: 2xx -> Accepted, Timer M).
 #
@@ -171,20 +168,20 @@ A = Action
 # RFC 6026 replaces "2xx -> Terminated" by "2xx -> Accepted (2xx to TU)", where further 2xx go
 # to the TU and Timer M (64*T1) leads to Terminated.
 INVITE_CLIENT: dict[tuple[State, Stimulus], Transition] = {
-    (_C, Timer.A): (_C, (A.SEND_REQUEST,)),
-    (_C, Timer.B): (_X, (A.INFORM_TIMEOUT,)),
-    (_C, Input.TRANSPORT_ERROR): (_X, (A.INFORM_TRANSPORT_ERROR,)),
-    (_C, Input.PROVISIONAL): (_P, (A.PASS_TO_TU,)),
-    (_C, Input.SUCCESS): (_AC, (A.PASS_TO_TU,)),
-    (_C, Input.FAILURE): (_CO, (A.SEND_ACK, A.PASS_TO_TU)),
-    (_P, Input.PROVISIONAL): (_P, (A.PASS_TO_TU,)),
-    (_P, Input.SUCCESS): (_AC, (A.PASS_TO_TU,)),
-    (_P, Input.FAILURE): (_CO, (A.SEND_ACK, A.PASS_TO_TU)),
-    (_CO, Input.FAILURE): (_CO, (A.SEND_ACK,)),
-    (_CO, Input.TRANSPORT_ERROR): (_X, (A.INFORM_TRANSPORT_ERROR,)),
-    (_CO, Timer.D): (_X, ()),
-    (_AC, Input.SUCCESS): (_AC, (A.PASS_TO_TU,)),
-    (_AC, Timer.M): (_X, ()),
+    (State.CALLING, Timer.A): (State.CALLING, (Action.SEND_REQUEST,)),
+    (State.CALLING, Timer.B): (State.TERMINATED, (Action.INFORM_TIMEOUT,)),
+    (State.CALLING, Input.TRANSPORT_ERROR): (State.TERMINATED, (Action.INFORM_TRANSPORT_ERROR,)),
+    (State.CALLING, Input.PROVISIONAL): (State.PROCEEDING, (Action.PASS_TO_TU,)),
+    (State.CALLING, Input.SUCCESS): (State.ACCEPTED, (Action.PASS_TO_TU,)),
+    (State.CALLING, Input.FAILURE): (State.COMPLETED, (Action.SEND_ACK, Action.PASS_TO_TU)),
+    (State.PROCEEDING, Input.PROVISIONAL): (State.PROCEEDING, (Action.PASS_TO_TU,)),
+    (State.PROCEEDING, Input.SUCCESS): (State.ACCEPTED, (Action.PASS_TO_TU,)),
+    (State.PROCEEDING, Input.FAILURE): (State.COMPLETED, (Action.SEND_ACK, Action.PASS_TO_TU)),
+    (State.COMPLETED, Input.FAILURE): (State.COMPLETED, (Action.SEND_ACK,)),
+    (State.COMPLETED, Input.TRANSPORT_ERROR): (State.TERMINATED, (Action.INFORM_TRANSPORT_ERROR,)),
+    (State.COMPLETED, Timer.D): (State.TERMINATED, ()),
+    (State.ACCEPTED, Input.SUCCESS): (State.ACCEPTED, (Action.PASS_TO_TU,)),
+    (State.ACCEPTED, Timer.M): (State.TERMINATED, ()),
 }
 
 # RFC 3261 Figure 6: non-INVITE client transaction.
@@ -232,19 +229,19 @@ INVITE_CLIENT: dict[tuple[State, Stimulus], Transition] = {
 #
 # In Completed, retransmitted final responses are absorbed (§17.1.2.2): no row, dropped.
 NON_INVITE_CLIENT: dict[tuple[State, Stimulus], Transition] = {
-    (_T, Timer.E): (_T, (A.SEND_REQUEST,)),
-    (_T, Timer.F): (_X, (A.INFORM_TIMEOUT,)),
-    (_T, Input.TRANSPORT_ERROR): (_X, (A.INFORM_TRANSPORT_ERROR,)),
-    (_T, Input.PROVISIONAL): (_P, (A.PASS_TO_TU,)),
-    (_T, Input.SUCCESS): (_CO, (A.PASS_TO_TU,)),
-    (_T, Input.FAILURE): (_CO, (A.PASS_TO_TU,)),
-    (_P, Timer.E): (_P, (A.SEND_REQUEST,)),
-    (_P, Timer.F): (_X, (A.INFORM_TIMEOUT,)),
-    (_P, Input.TRANSPORT_ERROR): (_X, (A.INFORM_TRANSPORT_ERROR,)),
-    (_P, Input.PROVISIONAL): (_P, (A.PASS_TO_TU,)),
-    (_P, Input.SUCCESS): (_CO, (A.PASS_TO_TU,)),
-    (_P, Input.FAILURE): (_CO, (A.PASS_TO_TU,)),
-    (_CO, Timer.K): (_X, ()),
+    (State.TRYING, Timer.E): (State.TRYING, (Action.SEND_REQUEST,)),
+    (State.TRYING, Timer.F): (State.TERMINATED, (Action.INFORM_TIMEOUT,)),
+    (State.TRYING, Input.TRANSPORT_ERROR): (State.TERMINATED, (Action.INFORM_TRANSPORT_ERROR,)),
+    (State.TRYING, Input.PROVISIONAL): (State.PROCEEDING, (Action.PASS_TO_TU,)),
+    (State.TRYING, Input.SUCCESS): (State.COMPLETED, (Action.PASS_TO_TU,)),
+    (State.TRYING, Input.FAILURE): (State.COMPLETED, (Action.PASS_TO_TU,)),
+    (State.PROCEEDING, Timer.E): (State.PROCEEDING, (Action.SEND_REQUEST,)),
+    (State.PROCEEDING, Timer.F): (State.TERMINATED, (Action.INFORM_TIMEOUT,)),
+    (State.PROCEEDING, Input.TRANSPORT_ERROR): (State.TERMINATED, (Action.INFORM_TRANSPORT_ERROR,)),
+    (State.PROCEEDING, Input.PROVISIONAL): (State.PROCEEDING, (Action.PASS_TO_TU,)),
+    (State.PROCEEDING, Input.SUCCESS): (State.COMPLETED, (Action.PASS_TO_TU,)),
+    (State.PROCEEDING, Input.FAILURE): (State.COMPLETED, (Action.PASS_TO_TU,)),
+    (State.COMPLETED, Timer.K): (State.TERMINATED, ()),
 }
 
 # RFC 3261 Figure 7: INVITE server transaction (with RFC 6026 §7.1: 2xx -> Accepted, Timer L).
@@ -297,23 +294,23 @@ NON_INVITE_CLIENT: dict[tuple[State, Stimulus], Transition] = {
 # reported and the transaction stays (RFC 6026 §8.8: the TU may still retransmit). The 100 Trying
 # is always sent at once (allowed: "send 100 if TU won't in 200ms").
 INVITE_SERVER: dict[tuple[State, Stimulus], Transition] = {
-    (_P, Input.REQUEST): (_P, (A.RESEND_RESPONSE,)),
-    (_P, Input.TU_PROVISIONAL): (_P, (A.SEND_RESPONSE,)),
-    (_P, Input.TU_SUCCESS): (_AC, (A.SEND_RESPONSE,)),
-    (_P, Input.TU_FAILURE): (_CO, (A.SEND_RESPONSE,)),
-    (_P, Input.TRANSPORT_ERROR): (_X, (A.INFORM_TRANSPORT_ERROR,)),
-    (_CO, Input.REQUEST): (_CO, (A.RESEND_RESPONSE,)),
-    (_CO, Timer.G): (_CO, (A.RESEND_RESPONSE,)),
-    (_CO, Input.ACK): (_CF, ()),
-    (_CO, Timer.H): (_X, (A.INFORM_TIMEOUT,)),
-    (_CO, Input.TRANSPORT_ERROR): (_X, (A.INFORM_TRANSPORT_ERROR,)),
-    (_CF, Input.ACK): (_CF, ()),
-    (_CF, Timer.I): (_X, ()),
-    (_AC, Input.REQUEST): (_AC, ()),
-    (_AC, Input.ACK): (_AC, (A.PASS_TO_TU,)),
-    (_AC, Input.TU_SUCCESS): (_AC, (A.SEND_RESPONSE,)),
-    (_AC, Input.TRANSPORT_ERROR): (_AC, (A.INFORM_TRANSPORT_ERROR,)),
-    (_AC, Timer.L): (_X, ()),
+    (State.PROCEEDING, Input.REQUEST): (State.PROCEEDING, (Action.RESEND_RESPONSE,)),
+    (State.PROCEEDING, Input.TU_PROVISIONAL): (State.PROCEEDING, (Action.SEND_RESPONSE,)),
+    (State.PROCEEDING, Input.TU_SUCCESS): (State.ACCEPTED, (Action.SEND_RESPONSE,)),
+    (State.PROCEEDING, Input.TU_FAILURE): (State.COMPLETED, (Action.SEND_RESPONSE,)),
+    (State.PROCEEDING, Input.TRANSPORT_ERROR): (State.TERMINATED, (Action.INFORM_TRANSPORT_ERROR,)),
+    (State.COMPLETED, Input.REQUEST): (State.COMPLETED, (Action.RESEND_RESPONSE,)),
+    (State.COMPLETED, Timer.G): (State.COMPLETED, (Action.RESEND_RESPONSE,)),
+    (State.COMPLETED, Input.ACK): (State.CONFIRMED, ()),
+    (State.COMPLETED, Timer.H): (State.TERMINATED, (Action.INFORM_TIMEOUT,)),
+    (State.COMPLETED, Input.TRANSPORT_ERROR): (State.TERMINATED, (Action.INFORM_TRANSPORT_ERROR,)),
+    (State.CONFIRMED, Input.ACK): (State.CONFIRMED, ()),
+    (State.CONFIRMED, Timer.I): (State.TERMINATED, ()),
+    (State.ACCEPTED, Input.REQUEST): (State.ACCEPTED, ()),
+    (State.ACCEPTED, Input.ACK): (State.ACCEPTED, (Action.PASS_TO_TU,)),
+    (State.ACCEPTED, Input.TU_SUCCESS): (State.ACCEPTED, (Action.SEND_RESPONSE,)),
+    (State.ACCEPTED, Input.TRANSPORT_ERROR): (State.ACCEPTED, (Action.INFORM_TRANSPORT_ERROR,)),
+    (State.ACCEPTED, Timer.L): (State.TERMINATED, ()),
 }
 
 # RFC 3261 Figure 8: non-INVITE server transaction.
@@ -361,36 +358,36 @@ INVITE_SERVER: dict[tuple[State, Stimulus], Transition] = {
 #
 # In Trying a retransmitted request is absorbed (§17.2.2: no response to resend yet): no row.
 NON_INVITE_SERVER: dict[tuple[State, Stimulus], Transition] = {
-    (_T, Input.TU_PROVISIONAL): (_P, (A.SEND_RESPONSE,)),
-    (_T, Input.TU_SUCCESS): (_CO, (A.SEND_RESPONSE,)),
-    (_T, Input.TU_FAILURE): (_CO, (A.SEND_RESPONSE,)),
-    (_P, Input.REQUEST): (_P, (A.RESEND_RESPONSE,)),
-    (_P, Input.TU_PROVISIONAL): (_P, (A.SEND_RESPONSE,)),
-    (_P, Input.TU_SUCCESS): (_CO, (A.SEND_RESPONSE,)),
-    (_P, Input.TU_FAILURE): (_CO, (A.SEND_RESPONSE,)),
-    (_P, Input.TRANSPORT_ERROR): (_X, (A.INFORM_TRANSPORT_ERROR,)),
-    (_CO, Input.REQUEST): (_CO, (A.RESEND_RESPONSE,)),
-    (_CO, Input.TRANSPORT_ERROR): (_X, (A.INFORM_TRANSPORT_ERROR,)),
-    (_CO, Timer.J): (_X, ()),
+    (State.TRYING, Input.TU_PROVISIONAL): (State.PROCEEDING, (Action.SEND_RESPONSE,)),
+    (State.TRYING, Input.TU_SUCCESS): (State.COMPLETED, (Action.SEND_RESPONSE,)),
+    (State.TRYING, Input.TU_FAILURE): (State.COMPLETED, (Action.SEND_RESPONSE,)),
+    (State.PROCEEDING, Input.REQUEST): (State.PROCEEDING, (Action.RESEND_RESPONSE,)),
+    (State.PROCEEDING, Input.TU_PROVISIONAL): (State.PROCEEDING, (Action.SEND_RESPONSE,)),
+    (State.PROCEEDING, Input.TU_SUCCESS): (State.COMPLETED, (Action.SEND_RESPONSE,)),
+    (State.PROCEEDING, Input.TU_FAILURE): (State.COMPLETED, (Action.SEND_RESPONSE,)),
+    (State.PROCEEDING, Input.TRANSPORT_ERROR): (State.TERMINATED, (Action.INFORM_TRANSPORT_ERROR,)),
+    (State.COMPLETED, Input.REQUEST): (State.COMPLETED, (Action.RESEND_RESPONSE,)),
+    (State.COMPLETED, Input.TRANSPORT_ERROR): (State.TERMINATED, (Action.INFORM_TRANSPORT_ERROR,)),
+    (State.COMPLETED, Timer.J): (State.TERMINATED, ()),
 }
 
 # Timers started when a state is entered; leaving a state cancels every timer not listed for
 # the new state in _LIVE (Trying -> Proceeding keeps E and F running, §17.1.2.2).
 _ENTRY_TIMERS: dict[State, tuple[Timer, ...]] = {
-    _C: (Timer.A, Timer.B),
-    _T: (Timer.E, Timer.F),
-    _CO: (Timer.D, Timer.K, Timer.G, Timer.H, Timer.J),
-    _CF: (Timer.I,),
-    _AC: (Timer.L, Timer.M),
+    State.CALLING: (Timer.A, Timer.B),
+    State.TRYING: (Timer.E, Timer.F),
+    State.COMPLETED: (Timer.D, Timer.K, Timer.G, Timer.H, Timer.J),
+    State.CONFIRMED: (Timer.I,),
+    State.ACCEPTED: (Timer.L, Timer.M),
 }
 _LIVE: dict[State, frozenset[Timer]] = {
-    _C: frozenset({Timer.A, Timer.B}),
-    _T: frozenset({Timer.E, Timer.F}),
-    _P: frozenset({Timer.E, Timer.F}),
-    _CO: frozenset({Timer.D, Timer.K, Timer.G, Timer.H, Timer.J}),
-    _CF: frozenset({Timer.I}),
-    _AC: frozenset({Timer.L, Timer.M}),
-    _X: frozenset(),
+    State.CALLING: frozenset({Timer.A, Timer.B}),
+    State.TRYING: frozenset({Timer.E, Timer.F}),
+    State.PROCEEDING: frozenset({Timer.E, Timer.F}),
+    State.COMPLETED: frozenset({Timer.D, Timer.K, Timer.G, Timer.H, Timer.J}),
+    State.CONFIRMED: frozenset({Timer.I}),
+    State.ACCEPTED: frozenset({Timer.L, Timer.M}),
+    State.TERMINATED: frozenset(),
 }
 # Retransmission timers exist only over unreliable transports (§17.1.1.2, §17.1.2.2, §17.2.1).
 _RETRANSMIT_TIMERS = frozenset({Timer.A, Timer.E, Timer.G})
@@ -774,11 +771,18 @@ class NonInviteServerTransaction(ServerTransaction):
     TIMERS = frozenset({Timer.J})
 
 
+def _top_via_text(request: SipRequest) -> str:
+    # §17.1.1.3 / §9.1: the top Via "equal to" the request's: its text as sent, not re-encoded.
+    first = request.headers.get("Via")
+    assert first is not None  # validated messages
+    return split_comma_untrusted(first)[0].strip(" \t")
+
+
 def make_ack_for_failure(invite: SipRequest, response: SipResponse) -> SipRequest:
     """The ACK an INVITE client transaction sends for a 300-699 (§17.1.1.3): Request-URI,
     Call-ID, From, top Via, Route and CSeq number of the INVITE, To of the response."""
     headers = Headers()
-    headers.add("Via", str(invite.top_via))
+    headers.add("Via", _top_via_text(invite))
     for name in ("Route",):
         for value in invite.headers.get_all(name):
             headers.add(name, value)
@@ -797,7 +801,7 @@ def make_cancel(request: SipRequest) -> SipRequest:
     """The CANCEL for a pending request (§9.1): same Request-URI, Call-ID, From, To, CSeq
     number, Route and top Via (so the same branch) as the request it cancels."""
     headers = Headers()
-    headers.add("Via", str(request.top_via))
+    headers.add("Via", _top_via_text(request))
     for value in request.headers.get_all("Route"):
         headers.add("Route", value)
     headers.add("Max-Forwards", "70")
