@@ -180,13 +180,16 @@ def office_entry(office: Office, live: OfficeLive | None, now: float) -> dict[st
         "online": live is not None,
         "public_address": live.public_ip if live else office.public_ip,
         "public_port": live.public_port if live else office.public_port,
-        "nat_type": (live.nat_type if live else office.nat_type) or "unknown",
+        # Until a fresh login's probe reports, the last known NAT type and LAN are the best
+        # answer (the probe takes a few seconds).
+        "nat_type": (live.nat_type if live and live.nat_type != "unknown" else office.nat_type)
+        or "unknown",
         "last_seen": now if live else office.last_seen,
         "since": live.since if live else None,
         "extensions": f"{office.ext_first}-{office.ext_last}",
         "phones": office.phones,
         "wan_kbps": office.wan_kbps,
-        "lan": live.lan if live else office.lan,
+        "lan": live.lan if live and live.lan else office.lan,
         "stun_address": f"{office.stun_ip}:{office.stun_port}" if office.stun_ip else None,
         "directory_version": office.dir_version,
         "directory_acked": live.dir_acked if live else None,

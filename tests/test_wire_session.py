@@ -1262,3 +1262,60 @@ ServerMachine.TestCase.settings = MACHINE_SETTINGS
 ClientMachine.TestCase.settings = MACHINE_SETTINGS
 TestServerMachine = ServerMachine.TestCase
 TestClientMachine = ClientMachine.TestCase
+
+
+def test_check_ca_refusal_sends_no_login() -> None:
+    """join's certificate check runs before the Login: a refusal leaks no proof at all."""
+    from shared.wire.session import TrunkSession as Session
+
+    seen: list[bytes] = []
+
+    def refuse(ca_der: bytes) -> str | None:
+        seen.append(ca_der)
+        return "not issued by the pinned CA"
+
+    client = Session.client(
+        0.0,
+        office="berlin",
+        secret=b"s" * 32,
+        client_nonce=b"c" * 32,
+        software="test",
+        check_ca=refuse,
+    )
+    server = Session.server(0.0, nonce=b"n" * 32, software="test", ca_cert=b"CA-DER")
+    server.receive_data(client.data_to_send(), 0.0)
+    client.receive_data(server.data_to_send(), 0.0)
+    assert seen == [b"CA-DER"]
+    events = []
+    while (event := client.next_event()) is not None:
+        events.append(event)
+    assert [type(e).__name__ for e in events] == ["LoginRejected", "Closed"]
+    assert "pinned CA" in events[0].reason
+    server.receive_data(client.data_to_send(), 0.0)
+    server_events = []
+    while (event := server.next_event()) is not None:
+        server_events.append(event)
+    # The server saw a Close, never a Login attempt.
+    assert [type(e).__name__ for e in server_events] == ["Closed"]
+
+
+def test_check_ca_acceptance_logs_in() -> None:
+    from shared.wire.session import TrunkSession as Session
+
+    client = Session.client(
+        0.0,
+        office="berlin",
+        secret=b"s" * 32,
+        client_nonce=b"c" * 32,
+        software="test",
+        check_ca=lambda der: None,
+    )
+    server = Session.server(0.0, nonce=b"n" * 32, software="test", ca_cert=b"CA-DER")
+    server.receive_data(client.data_to_send(), 0.0)
+    client.receive_data(server.data_to_send(), 0.0)
+    server.receive_data(client.data_to_send(), 0.0)
+    attempt = server.next_event()
+    assert type(attempt).__name__ == "LoginAttempt"
+    assert server.complete_login(
+        b"s" * 32, now=0.0, public_ip="203.0.113.101", public_port=40000, session="x"
+    )

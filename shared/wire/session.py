@@ -39,6 +39,7 @@ import hashlib
 import hmac
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from shared.wire.frame import DEFAULT_MAX_BODY, ErrorCode, FrameDecoder, WireError
@@ -59,6 +60,7 @@ from shared.wire.messages import (
 )
 
 HANDSHAKE_TIMEOUT = 10.0
+MIN_HEARTBEAT_INTERVAL = 0.05
 NONCE_SIZE = 32
 
 
@@ -183,6 +185,7 @@ class TrunkSession:
         self._client_nonce = b""
         self._nonce = b""
         self._ca_sha256: bytes | None = None
+        self._check_ca: Callable[[bytes], str | None] | None = None
         self._directory_version = 0
         self._boot_id = ""
         self._software = ""
@@ -203,15 +206,22 @@ class TrunkSession:
         client_nonce: bytes,
         software: str,
         ca_sha256: bytes | None = None,
+        check_ca: Callable[[bytes], str | None] | None = None,
         directory_version: int = 0,
         boot_id: str = "",
     ) -> TrunkSession:
-        """A remote host's session; the Hello is queued at once."""
+        """A remote host's session; the Hello is queued at once.
+
+        `check_ca(ca_der)` (pure computation, no I/O) returns why the CA the server sent is not
+        acceptable, or None: `join` uses it to check that the TLS certificate was issued by the
+        pinned CA before any Login is sent, so a relay in the middle learns nothing.
+        """
         self = cls(Role.CLIENT, now)
         self.office = office
         self._secret = secret
         self._client_nonce = client_nonce
         self._ca_sha256 = ca_sha256
+        self._check_ca = check_ca
         self._directory_version = directory_version
         self._boot_id = boot_id
         self._software = software
@@ -422,6 +432,11 @@ class TrunkSession:
             )
             self.close(ErrorCode.AUTH_FAILED, "CA fingerprint mismatch")
             return
+        problem = self._check_ca(msg.ca_cert) if self._check_ca is not None else None
+        if problem is not None:
+            self._events.append(LoginRejected(f"the main host's certificate: {problem}"))
+            self.close(ErrorCode.AUTH_FAILED, "certificate not issued by the pinned CA")
+            return
         self.version = msg.version
         self.peer_software = msg.software
         self.ca_cert = msg.ca_cert
@@ -448,7 +463,8 @@ class TrunkSession:
             return
         # Written so that NaN fails it too, and an infinite dead_after (never notice a dead
         # main host) is refused: either would leave get_timer() meaningless.
-        if not 0 < msg.heartbeat_interval < msg.dead_after < math.inf:
+        # A floor on the interval too: a tiny one would have us send heartbeats in a busy loop.
+        if not MIN_HEARTBEAT_INTERVAL <= msg.heartbeat_interval < msg.dead_after < math.inf:
             raise WireError(ErrorCode.PROTOCOL, "nonsense heartbeat settings in LoginOk")
         self.heartbeat_interval = msg.heartbeat_interval
         self.dead_after = msg.dead_after
