@@ -388,9 +388,8 @@ class Address:
 def _check_uri_text(text: str, what: str) -> None:
     if not text:
         raise bad_request(f"Empty URI in {what}")
-    for ch in text:
-        if ch in " \t":
-            raise bad_request(f"Whitespace inside the URI of {what}")
+    if " " in text or "\t" in text:
+        raise bad_request(f"Whitespace inside the URI of {what}")
 
 
 def parse_address_untrusted(value: str, what: str = "address") -> Address:

@@ -290,17 +290,19 @@ class Headers:
 
     def cached(self, slot: str, parse: Callable[[], T]) -> T:
         """`parse()` once per header generation: the lazy parsing behind the accessors."""
-        try:
-            return self._cache[slot]  # type: ignore[return-value]
-        except KeyError:
+        value = self._cache.get(slot, _UNSET)
+        if value is _UNSET:
             value = parse()
             self._cache[slot] = value
-            return value
+        return value  # type: ignore[return-value]
 
     def _touch(self) -> None:
         self._cache.clear()
         self._index = None
         self.generation += 1
+
+
+_UNSET = object()
 
 
 class _Accessors:
@@ -640,15 +642,17 @@ def split_head_untrusted(
         raise bad_request("Header section is not UTF-8") from None
     lines = text.split("\r\n")
     max_line = limits.max_line_length
+    # Only a header section longer than the line limit can hold a line that is too long.
+    check_lines = len(head) > max_line
     start_line = lines[0]
-    if len(start_line) > max_line:
+    if check_lines and len(start_line) > max_line:
         raise bad_request("Start line too long")
     items: list[tuple[str, str]] = []
     keys: list[str] = []
     folded = False
     known_names = _NAME_INFO
     for line in lines[1:]:
-        if len(line) > max_line:
+        if check_lines and len(line) > max_line:
             raise bad_request("Header line too long")
         if line[:1] in (" ", "\t"):
             # RFC 3261 §7.3.1: a line starting with whitespace continues the previous value.
