@@ -33,7 +33,13 @@ fi
 stamp=".venv/.branchpbx-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
     echo "setup: installing branchpbx and its Python packages into .venv"
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e '.[test]'
+    log=$(mktemp)
+    if ! { .venv/bin/python -m pip install -q --upgrade pip \
+           && .venv/bin/python -m pip install -q -e '.[test]'; } >"$log" 2>&1; then
+        cat "$log" >&2
+        echo "setup: pip install failed (output above)" >&2
+        exit 1
+    fi
+    rm -f "$log"
     rm -f .venv/.branchpbx-* && touch "$stamp"
 fi
