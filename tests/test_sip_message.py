@@ -821,3 +821,17 @@ def test_copies_are_independent():
     assert response(reply_twin.encode()).status == 202
     built = SipRequest("OPTIONS", "sip:a@b")
     assert built.copy().raw is None
+
+
+def test_accessor_lists_are_the_callers_to_change():
+    msg = request(INVITE)
+    msg.vias.pop()
+    msg.contacts.clear()
+    msg.record_routes.clear()
+    msg.routes.clear()
+    msg.option_tags("Require").clear()
+    assert len(msg.vias) == 3
+    assert len(msg.contacts) == 1
+    assert len(msg.record_routes) == 2
+    assert len(msg.routes) == 1
+    assert msg.option_tags("Require") == ["100rel"]

@@ -333,7 +333,7 @@ class _Accessors:
         def parse() -> str:
             value = self._required("Call-ID")
             # RFC 3261 §25.1: callid = word [ "@" word ]; no whitespace.
-            if not value or any(ch in value for ch in " \t"):
+            if not value or " " in value or "\t" in value:
                 raise bad_request("Malformed Call-ID")
             return value
 
@@ -346,7 +346,8 @@ class _Accessors:
     @property
     def vias(self) -> list[Via]:
         """Every Via element, top first (RFC 3261 §20.42)."""
-        return self.headers.cached("via", lambda: parse_via_list_untrusted(self._vias_raw()))
+        # A fresh list each time: the cached one must not be changed by a caller.
+        return list(self.headers.cached("via", lambda: parse_via_list_untrusted(self._vias_raw())))
 
     def _vias_raw(self) -> list[str]:
         values = self.headers.get_all("Via")
@@ -419,21 +420,26 @@ class _Accessors:
                 _ = contact.expires, contact.q
             return contacts
 
-        return self.headers.cached("contact", parse)
+        return list(self.headers.cached("contact", parse))
 
     @property
     def routes(self) -> list[Address]:
-        return self.headers.cached(
-            "route", lambda: parse_address_list_untrusted(self.headers.get_all("Route"), "Route")
+        return list(
+            self.headers.cached(
+                "route",
+                lambda: parse_address_list_untrusted(self.headers.get_all("Route"), "Route"),
+            )
         )
 
     @property
     def record_routes(self) -> list[Address]:
-        return self.headers.cached(
-            "record-route",
-            lambda: parse_address_list_untrusted(
-                self.headers.get_all("Record-Route"), "Record-Route"
-            ),
+        return list(
+            self.headers.cached(
+                "record-route",
+                lambda: parse_address_list_untrusted(
+                    self.headers.get_all("Record-Route"), "Record-Route"
+                ),
+            )
         )
 
     @property
@@ -466,9 +472,11 @@ class _Accessors:
 
     def option_tags(self, name: str) -> list[str]:
         """The tokens of Require, Proxy-Require, Supported, Unsupported, Allow, ..."""
-        return self.headers.cached(
-            "tokens:" + header_key(name),
-            lambda: parse_token_list_untrusted(self.headers.get_all(name), name),
+        return list(
+            self.headers.cached(
+                "tokens:" + header_key(name),
+                lambda: parse_token_list_untrusted(self.headers.get_all(name), name),
+            )
         )
 
 
