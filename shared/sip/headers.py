@@ -13,6 +13,8 @@ quoted-string and parameter scanners, which is why they live together.
 
 Parsed parameter dicts map lower-cased names to the value exactly as written (a quoted-string
 value keeps its quotes; `unquote` removes them), or to `None` for a parameter without `=`.
+Values are frozen dataclasses; their `params` dicts must not be changed in place either, since
+messages cache parsed values: build a new value (`with_tag`, `with_params`, `dataclasses.replace`).
 """
 
 from __future__ import annotations
