@@ -305,11 +305,15 @@ def close_code(messages: list[Any]) -> int:
     return closes[0].code
 
 
-async def test_oversized_frame_header(main):
+async def test_oversized_frame_header(main, caplog):
+    caplog.set_level(logging.WARNING, logger="mainhost.trunk")
     stream = await open_tls(main.port)
     client = await hello_then(stream, HEADER.pack(0x7FFF_FFFF, 3, 0, 0))
     assert close_code(await client.until_closed()) == ErrorCode.TOO_LARGE
     await stream.aclose()
+    await wait_until(lambda: main.host.trunk.stats.protocol_errors == 1)
+    (record,) = [r for r in caplog.records if "frame too large" in r.getMessage()]
+    assert LOOPBACK in record.getMessage()
     await assert_still_serves(main)
 
 
@@ -328,6 +332,7 @@ async def test_bad_msgpack(main, body):
     client = await hello_then(stream, encode_frame(Login.TYPE, body))
     assert close_code(await client.until_closed()) == ErrorCode.BAD_MESSAGE
     await stream.aclose()
+    await wait_until(lambda: main.host.trunk.stats.protocol_errors == 1)
     await assert_still_serves(main)
 
 
