@@ -83,6 +83,13 @@ def _build(cls: type[T], raw: Any, *, source: str, text: str, prefix: str) -> T:
     for name, f in fields.items():
         dotted = prefix + name
         if name not in raw:
+            if dataclasses.is_dataclass(hints[name]):
+                # A missing table is an empty one: its own keys' defaults and checks apply, not
+                # a code default (RemoteHostConfig's trunk factory has a placeholder main host).
+                values[name] = _build(
+                    hints[name], {}, source=source, text=text, prefix=dotted + "."
+                )
+                continue
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{source}: missing required key '{dotted}'")
             continue
