@@ -288,7 +288,8 @@ def mainhost_configs(draw: st.DrawFn) -> MainHostConfig:
         ),
         stun=StunConfig(
             enabled=draw(st.booleans()),
-            listen=draw(ips),
+            # An alternate address needs a specific primary one (RFC 3489 CHANGED-ADDRESS).
+            listen=draw(ips.filter(lambda ip: ip not in ("0.0.0.0", "::"))),
             port=draw(ports),
             alternate_port=draw(ports),
             alternate_address=draw(st.just("") | ips),
@@ -351,3 +352,11 @@ def test_loading_any_text_raises_only_config_error(tmp_path_factory, text):
     except ConfigError as exc:
         assert str(path) in str(exc)
         assert "\n" not in str(exc)
+
+
+def test_missing_table_is_checked_like_an_empty_one(tmp_path):
+    # Without [trunk] a remote host has no main host to dial: that is an error, not a default.
+    message = load_error(RemoteHostConfig, write(tmp_path, 'office = "lyon"\n'))
+    assert "'trunk.main_host'" in message and "must be set" in message
+    loaded = cfg.load(MainHostConfig, write(tmp_path, 'public_address = "192.0.2.1"\n'))
+    assert loaded.stun == StunConfig() and loaded.api == ApiConfig()
