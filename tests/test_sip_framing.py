@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.sip.errors import SipParseError
@@ -233,6 +233,7 @@ def _chunks(data: bytes, sizes: list[int]) -> list[bytes]:
     return out
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ITEMS, st.lists(st.integers(1, 50), min_size=1, max_size=10))
 def test_any_chunking_gives_the_same_events(items, sizes):
     framer = SipStreamFramer()
@@ -245,6 +246,7 @@ def test_any_chunking_gives_the_same_events(items, sizes):
     assert framer.buffered == 0
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(st.builds(message, st.integers(0, 999), st.binary(max_size=40)), max_size=5),
     st.lists(st.booleans(), min_size=5, max_size=5),

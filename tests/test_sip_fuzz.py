@@ -193,25 +193,25 @@ def exercise(data: bytes, limits: SipLimits | None = None) -> None:
     assert again.encode() == encoded
 
 
-@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(mutated())
 def test_mutated_vectors_raise_only_sip_parse_error(data):
     exercise(data)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated())
 def test_mutated_vectors_under_tight_limits(data):
     exercise(data, SipLimits(max_message_size=600, max_header_count=8, max_line_length=60))
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=300))
 def test_random_bytes_raise_only_sip_parse_error(data):
     exercise(data)
 
 
-@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(mutated(), st.lists(st.integers(1, 64), min_size=1, max_size=40))
 def test_framer_on_mutated_streams_raises_only_sip_parse_error(data, cuts):
     framer = SipStreamFramer(SipLimits(max_message_size=2000))
@@ -256,7 +256,7 @@ def _only_parse_errors(func: Callable[[str], object], text: str) -> None:
         pass
 
 
-@settings(max_examples=800)
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(SIP_TEXT)
 def test_value_parsers_raise_only_sip_parse_error(text):
     for func in (
@@ -275,7 +275,7 @@ def test_value_parsers_raise_only_sip_parse_error(text):
         _only_parse_errors(func, "<sip:" + text + ">;" + text)
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(SIP_TEXT)
 def test_parsed_uris_and_addresses_round_trip(text):
     for candidate in ("sip:" + text, "tel:" + text, "<sip:" + text + ">", text):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.sip.errors import SipParseError
@@ -98,6 +98,7 @@ def test_quote_unquote():
         unquote('"closed" junk')
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(max_size=30))
 def test_quote_round_trip(text):
     if "\r" in text or "\n" in text:
@@ -439,6 +440,7 @@ def addresses(draw: st.DrawFn) -> Address:
     return Address(uri, display, params)
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(addresses())
 def test_address_round_trip(address):
     text = str(address)
@@ -447,6 +449,7 @@ def test_address_round_trip(address):
     assert parse_address_list_untrusted([f"{text} , {text}"], "Contact") == [address, address]
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.sampled_from(["UDP", "TCP", "TLS", "WS", "WSS", "SCTP"]),
     st.from_regex(r"[a-z][a-z0-9]{0,8}(\.[a-z]{2,4}){0,2}", fullmatch=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.sip.errors import SipParseError
@@ -652,6 +652,7 @@ def requests(draw: st.DrawFn) -> SipRequest:
     return SipRequest(method, str(SipUri("example.com", draw(TOKEN))), headers, body)
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(requests())
 def test_request_round_trip(msg):
     data = msg.encode()
@@ -667,6 +668,7 @@ def test_request_round_trip(msg):
     assert reply.to_tag is not None
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(100, 699), VALUE, st.lists(EXTENSION, max_size=4), st.binary(max_size=40))
 def test_response_round_trip(status, reason, extensions, body):
     msg = SipResponse(status, reason, Headers(extensions), body)
@@ -703,6 +705,7 @@ def test_many_content_length_lines_fail_fast():
 COMPACT = {"Via": "v", "From": "f", "To": "t", "Call-ID": "i", "Contact": "m"}
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(requests(), st.data())
 def test_spelling_does_not_change_meaning(msg, data):
     """Name case, compact forms, LWS around the colon and folded lines all parse the same."""
@@ -737,6 +740,7 @@ OPERATIONS = st.lists(
 )
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(OPERATIONS)
 def test_headers_behave_like_a_list_of_pairs(operations):
     """Every Headers operation, checked against a plain list model."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.sip.errors import SipParseError
@@ -273,6 +273,7 @@ def sip_uris(draw: st.DrawFn) -> SipUri:
     )
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sip_uris())
 def test_sip_uri_round_trip(uri):
     text = str(uri)
@@ -283,6 +284,7 @@ def test_sip_uri_round_trip(uri):
     assert str(parsed) == text
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sip_uris(), st.sampled_from(["upper", "lower"]))
 def test_host_case_does_not_matter_for_equivalence(uri, case):
     other = SipUri(
@@ -297,6 +299,7 @@ def test_host_case_does_not_matter_for_equivalence(uri, case):
     assert uri.equivalent(other)
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.from_regex(r"\+?[0-9][0-9\-.()]{0,14}", fullmatch=True),
     st.dictionaries(PARAM_NAMES, st.none() | st.text(max_size=8), max_size=3),
