@@ -144,8 +144,11 @@ def test_init_in_an_unwritable_place(tmp_path, ports):
     parent = tmp_path / "locked"
     parent.mkdir()
     with read_only(parent):
-        result = mainhost(*init_args(parent / "mh", ports))
-    assert_one_line_error(result, str(parent / "mh"))
+        below = mainhost(*init_args(parent / "mh", ports))
+        inside = mainhost(*init_args(parent, ports))
+    assert_one_line_error(below, str(parent / "mh"))
+    assert_one_line_error(inside, str(parent), "not writable")
+    assert list(parent.iterdir()) == []
 
 
 # --- offices and tokens ---
@@ -421,3 +424,21 @@ def test_stun_port_in_use(data, ports):
         squatter.bind((LOOPBACK, ports.stun))
         result = mainhost("serve", "--data", data)
     assert_one_line_error(result, "STUN", str(ports.stun), "in use")
+
+
+# --- the remote host's own operator mistakes (after a join) ---
+
+
+def test_remotehost_serve_mistakes(tmp_path):
+    missing = tmp_path / "nothere"
+    assert_one_line_error(remotehost("serve", "--data", missing), str(missing))
+    assert_one_line_error(remotehost("status", "--data", missing), str(missing))
+    data = tmp_path / "remote"
+    data.mkdir()
+    config = data / "remotehost.toml"
+    config.write_text('office = "lyon"\n[trunk]\nmain_host = "127.0.0.1"\nprot = 1\n')
+    assert_one_line_error(remotehost("serve", "--data", data), str(config), "trunk.prot", "line 4")
+    config.write_text('office = "lyon"\n')
+    assert_one_line_error(remotehost("serve", "--data", data), str(config), "trunk.main_host")
+    config.write_text('office = "lyon"\n[trunk]\nmain_host = "127.0.0.1"\n')
+    assert_one_line_error(remotehost("serve", "--data", data), str(data / "ca.pem"))
