@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from shared.sip.errors import SipParseError
-from shared.sip.framing import SipStreamFramer
+from shared.sip.framing import KeepAlivePong, SipStreamFramer
 from shared.sip.headers import unquote
 from shared.sip.message import (
     SipRequest,
@@ -479,3 +479,20 @@ def test_badbranch_and_inv2543_rfc2543_style_requests():
     assert old.content_length is None
     assert old.body.startswith(b"v=0")
     assert old.record_routes[0].uri.params["maddr"] == "ss1.example.com"  # type: ignore[union-attr]
+
+
+def test_dblreq_on_a_stream_frames_both_requests_then_finds_the_garbage():
+    # RFC 4475 §3.1.1.8 is about datagrams; on a stream the same bytes are two requests, a
+    # stray CRLF, and (the INVITE's body is 5 octets longer than its Content-Length) junk.
+    framer = SipStreamFramer()
+    framer.receive_data(load("dblreq.dat"))
+    first = framer.next_message()
+    assert isinstance(first, bytes) and first.startswith(b"REGISTER ")
+    assert isinstance(framer.next_message(), KeepAlivePong)
+    second = framer.next_message()
+    assert isinstance(second, bytes) and second.startswith(b"INVITE ")
+    invite = parse_and_validate(second)
+    assert len(invite.body) == 150
+    with pytest.raises(SipParseError) as info:
+        framer.next_message()
+    assert info.value.request is None
