@@ -158,6 +158,7 @@ class Uplink:
         trunk = self.config.trunk
         self.state.state = "connecting"
         logged_in = False
+        stream: trio.SSLStream[trio.SocketStream] | None = None
         try:
             with trio.fail_after(trunk.connect_timeout):
                 stream = await trio.open_ssl_over_tcp_stream(
@@ -168,12 +169,14 @@ class Uplink:
                 )
                 await stream.do_handshake()
         except trio.TooSlowError:
+            await _discard(stream)
             self._failed(
                 f"no answer from {trunk.main_host}:{trunk.port} within"
                 f" {trunk.connect_timeout:.0f} s"
             )
             return False
         except (OSError, ssl.SSLError, trio.BrokenResourceError) as exc:
+            await _discard(stream)
             self._failed(f"cannot connect to {trunk.main_host}:{trunk.port}: {_reason(exc)}")
             return False
         info = await trio.to_thread.run_sync(self.mirror.info)
@@ -364,6 +367,12 @@ def _info(binding: Binding) -> RegistrationInfo:
         user_agent=binding.user_agent,
         reachable=binding.reachable,
     )
+
+
+async def _discard(stream: trio.SSLStream[trio.SocketStream] | None) -> None:
+    """Close a stream whose TLS handshake failed: its TCP socket is still open."""
+    if stream is not None:
+        await trio.aclose_forcefully(stream)
 
 
 def _reason(exc: BaseException) -> str:
