@@ -471,10 +471,22 @@ def test_bad_method_token():
     assert validate_error(msg).reason == "Malformed method"
 
 
-@pytest.mark.parametrize("uri", [b"<sip:a@b>", b"sip:a@b;x=<y>", b"sip:a@b\tx"])
-def test_malformed_request_uri(uri):
-    msg = request(REGISTER.replace(b"sip:registrar.biloxi.example.com", uri, 1))
-    assert validate_error(msg).reason == "Malformed Request-URI"
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b"REGISTER <sip:a@b> SIP/2.0", "Request-URI enclosed in <>"),
+        (b"REGISTER sip:a@b;x=<y> SIP/2.0", "Request-URI enclosed in <>"),
+        (b"REGISTER sip:a@b\tx SIP/2.0", "Whitespace inside the Request-URI"),
+        (b"REGISTER sip:a@b; lr SIP/2.0", "Whitespace inside the Request-URI"),
+        (b"REGISTER  sip:a@b SIP/2.0", "Extra whitespace in the request line"),
+        (b"REGISTER sip:a@b  SIP/2.0", "Extra whitespace in the request line"),
+        (b"REGISTER sip:a@b SIP/2.0 ", "Extra whitespace in the request line"),
+        (b"REGISTER  SIP/2.0", "Empty Request-URI"),
+    ],
+)
+def test_malformed_request_line(line, reason):
+    data = REGISTER.replace(b"REGISTER sip:registrar.biloxi.example.com SIP/2.0", line, 1)
+    assert validate_error(request(data)).reason.startswith(reason)
 
 
 def test_request_uri_scheme_support():

@@ -824,10 +824,17 @@ def _validate_request(
     uri = msg.uri
     if len(uri) > limits.max_uri_length:
         raise SipParseError(414, "Request-URI Too Long")
-    if not uri or any(ch in uri for ch in " \t<>"):
-        # RFC 3261 §7.1: Method SP Request-URI SP SIP-Version, single spaces, no <> (RFC 4475
-        # §3.1.2.7 to §3.1.2.10).
-        raise bad_request("Malformed Request-URI")
+    # RFC 3261 §7.1: Method SP Request-URI SP SIP-Version, single spaces, no <> (RFC 4475
+    # §3.1.2.7 to §3.1.2.10). The parser split at the first and the last space, so any other
+    # whitespace in the line ended up in the URI.
+    if not uri:
+        raise bad_request("Empty Request-URI")
+    if uri[0] in " \t" or uri[-1] in " \t" or not msg.version:
+        raise bad_request("Extra whitespace in the request line around the Request-URI")
+    if " " in uri or "\t" in uri:
+        raise bad_request("Whitespace inside the Request-URI")
+    if "<" in uri or ">" in uri:
+        raise bad_request("Request-URI enclosed in <>")
     version_error = _version_error(msg.version)
     if version_error is not None:
         raise version_error
