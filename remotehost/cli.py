@@ -54,15 +54,20 @@ async def check_join(token: JoinToken, timeout: float) -> bytes:
     Returns the CA certificate (DER). Raises CliError saying what went wrong.
     """
     where = f"{token.host}:{token.port}"
+    stream: trio.SSLStream[trio.SocketStream] | None = None
     try:
         with trio.fail_after(timeout):
             stream = await trio.open_ssl_over_tcp_stream(
                 token.host, token.port, ssl_context=client_ssl_context(None), https_compatible=True
             )
             await stream.do_handshake()
-    except trio.TooSlowError:
-        raise CliError(f"the main host at {where} did not answer within {timeout:.0f} s") from None
-    except (OSError, ssl.SSLError, trio.BrokenResourceError) as exc:
+    except (trio.TooSlowError, OSError, ssl.SSLError, trio.BrokenResourceError) as exc:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)  # the handshake failed, the socket is open
+        if isinstance(exc, trio.TooSlowError):
+            raise CliError(
+                f"the main host at {where} did not answer within {timeout:.0f} s"
+            ) from None
         raise CliError(f"cannot connect to the main host at {where}: {exc}") from None
     leaf_der = stream.getpeercert(binary_form=True)
 
