@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -595,3 +597,63 @@ def test_struct_header_matches_the_wire_layout():
     # The hostile-frame tests build headers by hand; make sure the layout is what they assume.
     assert HEADER.size == 12
     assert HEADER.pack(1, 2, 3, 4) == struct.pack(">IHHI", 1, 2, 3, 4)
+
+
+# --- a remote host that cannot be let in ---
+
+
+async def test_remote_host_with_a_wrong_secret_is_refused(main, tmp_path):
+    from dataclasses import replace
+
+    good = token_for(main.data, main.port, "lyon", main.secret)
+    ca_der = await check_join(good, GUARD)
+    bad = replace(good, secret=b"w" * 32)
+    config = make_remotehost_data(tmp_path / "remote", bad, ca_der)
+    remote = RemoteHost(tmp_path / "remote", config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(remote.serve)
+        await wait_until(lambda: remote.uplink.state.state == "refused")
+        assert "refused" in (remote.uplink.state.last_error or "")
+        assert main.host.trunk.stats.login_failures >= 1
+        assert main.office()["online"] is False
+        assert remote.mirror.info().version == 0  # nothing was sent to it
+        nursery.cancel_scope.cancel()
+
+
+async def test_remote_host_refuses_a_main_host_with_another_ca(main, tmp_path):
+    # The pinned CA is what makes the remote host trust the main host (F1): a main host whose
+    # certificate another CA signed is not dialled into, whatever it says.
+    good = token_for(main.data, main.port, "lyon", main.secret)
+    other = tmp_path / "other-ca"
+    other.mkdir()
+    pki.create(other, LOOPBACK)
+    config = make_remotehost_data(tmp_path / "remote", good, pki.ca_der(other))
+    remote = RemoteHost(tmp_path / "remote", config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(remote.serve)
+        await wait_until(lambda: remote.uplink.state.last_error is not None)
+        assert "certificate" in (remote.uplink.state.last_error or "").lower()
+        assert remote.uplink.state.state != "online"
+        assert main.host.trunk.stats.logins == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_join_check_against_something_that_is_not_a_main_host():
+    async def not_tls(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"SSH-2.0-OpenSSH_9.6\r\n")
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, not_tls, 0, host=LOOPBACK))
+        port = listeners[0].socket.getsockname()[1]
+        from shared.token import JoinToken
+
+        token = JoinToken(LOOPBACK, port, "lyon", b"s" * 32, b"f" * 32)
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(10):
+            with pytest.raises(CliError, match="cannot connect"):
+                await check_join(token, GUARD)
+        # Each failed handshake must close its socket (one fd each would be left otherwise;
+        # a little slack for unrelated threads of earlier tests).
+        assert len(os.listdir("/proc/self/fd")) - before < 5
+        nursery.cancel_scope.cancel()
