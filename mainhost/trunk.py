@@ -118,7 +118,9 @@ class TrunkServer:
         try:
             peer_ip, peer_port = stream.transport_stream.socket.getpeername()[:2]
         except OSError:
-            return  # gone before we looked
+            # Gone before we looked; serve_listeners does not close what its handler leaves.
+            await trio.aclose_forcefully(stream)
+            return
         session = TrunkSession.server(
             trio.current_time(),
             nonce=secrets.token_bytes(32),
