@@ -657,3 +657,25 @@ async def test_join_check_against_something_that_is_not_a_main_host():
         # a little slack for unrelated threads of earlier tests).
         assert len(os.listdir("/proc/self/fd")) - before < 5
         nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_gone_before_it_is_served_is_closed(main):
+    # getpeername() fails when the peer reset the connection before the handler ran.
+    closed: list[bool] = []
+
+    class GoneSocket:
+        def getpeername(self) -> tuple[str, int]:
+            raise OSError(107, "Transport endpoint is not connected")
+
+    class GoneTransport:
+        socket = GoneSocket()
+
+    class GoneStream:
+        transport_stream = GoneTransport()
+
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    await main.host.trunk.handle_connection(GoneStream())
+    assert closed == [True]
+    assert main.host.trunk.online == {}
