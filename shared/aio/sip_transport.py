@@ -1,0 +1,726 @@
+"""SIP over UDP and TCP on one port: the trio adapter between sockets and the message layer.
+
+This module owns the server side of RFC 3261 §18 for one (host, port): a UDP socket and a TCP
+listener bound to the same port, reading datagrams and stream segments, framing them
+(`SipStreamFramer`), parsing and validating them, stamping the top Via of requests with
+`received` / `rport` (RFC 3261 §18.2.1, RFC 3581 §4), answering malformed requests at once when
+they can be answered, answering RFC 5626 §4.4.1 CRLF pings over TCP, and handing every good
+message to one handler through a bounded queue. It also owns the one send path: to an address
+over UDP from the listening socket (so NAT bindings phones opened towards us are reused) or
+over an existing TCP connection, turning transport failures into `SipTransportError`.
+
+It does not own transactions, dialogs or any policy: the handler gets `(message, Source)` and
+decides. It never opens outbound TCP connections (a phone behind NAT could not be reached that
+way anyway); a response whose connection is gone fails with `SipTransportError`. It binds IP
+literals only and does no DNS: responses go to `received` / `rport`, which we always set when
+sent-by is a name.
+
+Choices worth knowing:
+- UDP keepalives (a datagram of only CRLFs or NULs, as many phones send; RFC 5626 §4.4.2 would
+  use STUN over UDP) are counted and not answered: the phone sent them to keep its NAT binding
+  open, which receiving them already did, and some phones log an unexpected CRLF as garbage.
+- The UDP receive loop never waits for the handler (STYLE.md, trio `_dtls.py`): when the queue
+  is full the datagram is dropped and counted, as the network could have dropped it; the
+  client's retransmission (RFC 3261 §17.1.1.2) recovers. TCP readers do wait: TCP has its own
+  flow control, and a stream cannot lose a message without losing its framing.
+- A handler exception is logged and counted, not raised: one bad message must not stop a PBX.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Literal
+
+import trio
+
+from shared.sip.errors import SipParseError, bad_request
+from shared.sip.framing import (
+    KEEPALIVE_PONG,
+    KeepAlivePing,
+    KeepAlivePong,
+    SipStreamFramer,
+    is_datagram_keepalive,
+)
+from shared.sip.headers import Via, parse_via_untrusted, split_comma_untrusted
+from shared.sip.message import (
+    DEFAULT_LIMITS,
+    Headers,
+    SipLimits,
+    SipMessage,
+    SipRequest,
+    SipResponse,
+    error_response,
+    generate_tag,
+    parse_message_untrusted,
+    validate_request_untrusted,
+    validate_response_untrusted,
+)
+
+Address = tuple[str, int]
+TransportName = Literal["udp", "tcp"]
+Handler = Callable[[SipMessage, "Source"], Awaitable[None]]
+
+DEFAULT_SIP_PORT = 5060
+RECEIVE_SIZE = 65536  # a UDP datagram's maximum, so recvfrom never truncates one
+TCP_BACKLOG = 128
+_TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+_LOG = logging.getLogger(__name__)
+
+
+class SipTransportError(Exception):
+    """Sending failed (socket error, connection gone, peer not reading); the message says how."""
+
+
+@dataclass(frozen=True, slots=True)
+class SipTransportOptions:
+    """How the transport bounds its resources. Frozen; the defaults suit an office PBX."""
+
+    queue_size: int = 256
+    """Messages waiting for the handler. When full, UDP datagrams are dropped (counted) and
+    TCP readers wait."""
+    handler_tasks: int = 1
+    """Handler calls that may run at once. 1 keeps arrival order; more lets a slow handler
+    (a database write) overlap, in any order."""
+    max_tcp_connections: int = 1024
+    """Open TCP connections at most; beyond it new ones are closed at once (counted)."""
+    tcp_idle_timeout: float = 300.0
+    """Seconds without traffic either way before a TCP connection is closed (RFC 3261 §18
+    lets a server close idle connections). Above the 120 s a RFC 5626 §4.4.1 client pings at."""
+    tcp_message_timeout: float = 30.0
+    """Seconds from the first octet of a message to its last over TCP: a peer that trickles
+    bytes to hold a connection (slowloris) is disconnected."""
+    send_timeout: float = 10.0
+    """Seconds a TCP peer may take to accept our bytes before its connection is closed."""
+    force_rport: bool = False
+    """Treat every request as if its top Via carried an empty `rport` (RFC 3581), so responses
+    go back to the source port even for clients behind NAT that do not ask (Kamailio's
+    `force_rport`). Off by default: RFC 3261 §18.2.2 sends to the sent-by port."""
+    supported_extensions: frozenset[str] = frozenset()
+    """Option tags accepted in Require; a request requiring others is answered 420 by the
+    transport (RFC 3261 §8.2.2.3). The layer above says which it implements."""
+    bind_attempts: int = 8
+    """For port 0: how many UDP ports to try before giving up finding one whose TCP twin is
+    free."""
+
+
+DEFAULT_OPTIONS = SipTransportOptions()
+
+
+@dataclass(slots=True)
+class SipTransportStatistics:
+    """Counters since the transport started; `statistics()` returns a snapshot."""
+
+    datagrams_received: int = 0
+    """UDP datagrams read from the socket, whatever they held."""
+    received: int = 0
+    """Messages (UDP and TCP) queued for the handler."""
+    dropped_full: int = 0
+    """UDP messages dropped because the handler's queue was full."""
+    dropped_malformed: int = 0
+    """Malformed messages dropped unanswered: responses, garbage, unanswerable requests."""
+    answered_malformed: int = 0
+    """Malformed requests answered with an error status by the transport."""
+    keepalives: int = 0
+    """UDP keepalive datagrams and TCP CRLF pings received."""
+    sent: int = 0
+    """Messages and pongs sent."""
+    send_errors: int = 0
+    """Sends that failed (`SipTransportError`)."""
+    handler_errors: int = 0
+    """Handler calls that raised."""
+    tcp_connections: int = 0
+    """TCP connections open now."""
+    tcp_accepted: int = 0
+    """TCP connections accepted since the start."""
+    tcp_refused: int = 0
+    """TCP connections closed at once because `max_tcp_connections` were open."""
+    tcp_closed_idle: int = 0
+    """TCP connections closed for idleness or for trickling a message too slowly."""
+    tcp_closed_junk: int = 0
+    """TCP connections closed because the peer sent something that is not SIP."""
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where to send: an address over UDP, or over TCP (preferably on `connection`)."""
+
+    transport: TransportName
+    address: Address
+    connection: TcpConnection | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a received message came from, and the way back to it."""
+
+    transport: TransportName
+    remote: Address
+    """The packet's source (ip, port): what `received` / `rport` were filled with."""
+    local: Address
+    """The local (ip, port) it arrived on (UDP: the bound address, maybe a wildcard)."""
+    connection: TcpConnection | None = None
+    """The TCP connection it came over, to send responses back on (RFC 3261 §18.2.2)."""
+    endpoint: SipTransport | None = field(default=None, repr=False, compare=False)
+    """The transport that received it, so a handler can answer without a global."""
+
+    @property
+    def destination(self) -> Destination:
+        """Straight back to the source (same connection for TCP), ignoring any Via."""
+        return Destination(self.transport, self.remote, self.connection)
+
+    async def reply(self, response: SipResponse) -> None:
+        """Send a response to the request that came from here (see `send_response`)."""
+        if self.endpoint is None:
+            raise SipTransportError("this source has no transport to reply through")
+        await self.endpoint.send_response(response, self)
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """What `read_message_untrusted` made of some bytes: a message for the handler, or an
+    error with perhaps a reply the transport sends at once."""
+
+    message: SipMessage | None = None
+    reply: SipResponse | None = None
+    error: SipParseError | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure part: bytes in, message or reply out. No sockets, testable alone.
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return None
+
+
+def top_via_untrusted(message: SipMessage) -> Via:
+    """The top Via alone. `message.top_via` parses every Via, and a request that failed
+    validation (so its error reply, which copies them) may have a broken lower one; routing a
+    reply needs only the top one (RFC 3261 §18.2.2)."""
+    values = message.headers.get_all("Via")
+    if not values:
+        raise bad_request("Missing Via header field")
+    return parse_via_untrusted(split_comma_untrusted(values[0])[0])
+
+
+def stamp_top_via_untrusted(
+    request: SipRequest, remote: Address, *, force_rport: bool = False
+) -> Via:
+    """Add `received` and fill `rport` in the request's top Via; return the new top Via.
+
+    RFC 3261 §18.2.1: `received` when the sent-by host is a name or an address other than the
+    packet's source. RFC 3581 §4: when the Via has `rport`, set it to the source port and add
+    `received` even if it equals sent-by. A client must send `rport` empty; one with a value is
+    overwritten too, so that responses never go anywhere but to the packet's source. Headers
+    are untouched (received bytes kept) when nothing changes. Raises `SipParseError` (400) for
+    a missing or malformed top Via.
+    """
+    values = request.headers.get_all("Via")
+    if not values:
+        raise bad_request("Missing Via header field")
+    elements = split_comma_untrusted(values[0])
+    top = parse_via_untrusted(elements[0])
+    source_ip, source_port = remote
+    params: dict[str, str | None] = {}
+    if "rport" in top.params or force_rport:
+        params["rport"] = str(source_port)
+        params["received"] = source_ip
+    elif _ip(top.host) != _ip(source_ip) or _ip(top.host) is None:
+        params["received"] = source_ip
+    if all(top.params.get(k, "") == v for k, v in params.items()):
+        return top
+    new_top = top.with_params(**params)
+    elements[0] = str(new_top)
+    items = list(request.headers)
+    for i, (name, _) in enumerate(items):
+        if name == "Via":
+            items[i] = ("Via", ", ".join(elements))
+            break
+    try:
+        request.headers = Headers(items)
+    except ValueError:
+        # Cannot happen for parsed headers (names are tokens, values have no CR/LF); if it
+        # ever did, it is the message's fault.
+        raise bad_request("Unserializable header") from None
+    return new_top
+
+
+def read_message_untrusted(
+    data: bytes,
+    remote: Address,
+    *,
+    limits: SipLimits = DEFAULT_LIMITS,
+    options: SipTransportOptions = DEFAULT_OPTIONS,
+) -> Inbound:
+    """Parse and validate one whole message from `remote`; never raises.
+
+    A good request comes back with its top Via stamped (`stamp_top_via_untrusted`); a good
+    response as parsed. A bad request gets `reply` set when it can be answered: it is not an
+    ACK (RFC 3261 §17.1.1.3: an ACK is never answered), its top Via parses (to route the reply)
+    and it has From, To, Call-ID and CSeq to copy (RFC 3261 §8.2.6.2). A bad response is
+    dropped (RFC 3261 §18.1.2).
+    """
+    try:
+        message = parse_message_untrusted(data, limits)
+        if isinstance(message, SipResponse):
+            validate_response_untrusted(message)
+        else:
+            validate_request_untrusted(
+                message, limits=limits, supported_extensions=options.supported_extensions
+            )
+            stamp_top_via_untrusted(message, remote, force_rport=options.force_rport)
+    except SipParseError as exc:
+        return Inbound(reply=_error_reply(exc, remote, options), error=exc)
+    return Inbound(message=message)
+
+
+def _error_reply(
+    exc: SipParseError, remote: Address, options: SipTransportOptions
+) -> SipResponse | None:
+    request = exc.request
+    if request is None or request.method == "ACK":
+        return None
+    if any(name not in request.headers for name in ("From", "To", "Call-ID", "CSeq")):
+        return None
+    try:
+        stamp_top_via_untrusted(request, remote, force_rport=options.force_rport)
+    except SipParseError:
+        return None
+    return error_response(exc, to_tag=generate_tag())
+
+
+def response_destination(via: Via, source: Source) -> Destination:
+    """Where a response whose top Via is `via` goes, for a request that came from `source`.
+
+    RFC 3261 §18.2.2: over TCP on the request's connection (`SipTransport.send` falls back to
+    another open connection from the same address). Over UDP, RFC 3581 §4: to `received` and
+    `rport` when the Via has both; else to `received` and the sent-by port (5060 if none);
+    else to sent-by, which must then be an IP address (we do no DNS). `maddr` (multicast) is
+    not supported and ignored.
+    """
+    if source.transport == "tcp":
+        return Destination("tcp", source.remote, source.connection)
+    received = via.received
+    rport = via.params.get("rport")
+    port = via.port or DEFAULT_SIP_PORT
+    if received is not None:
+        if rport and rport.isdigit():
+            port = int(rport)
+        return Destination("udp", (received.strip("[]"), port))
+    if _ip(via.host) is None:
+        raise SipTransportError(f"cannot route a response to the name {via.host!r}")
+    return Destination("udp", (via.host.strip("[]"), port))
+
+
+# ---------------------------------------------------------------------------------------------
+# The I/O part.
+
+
+def _address(sockaddr: object) -> Address:
+    """(ip, port) of a socket address; IPv6 scope ids (`%eth0`) are dropped."""
+    assert isinstance(sockaddr, tuple)
+    host = str(sockaddr[0]).partition("%")[0]
+    return host, int(sockaddr[1])
+
+
+class TcpConnection:
+    """One accepted TCP connection. Its reader belongs to the transport; any task may `send`.
+
+    Closed by the transport when the peer closes, idles, sends junk or stops reading.
+    """
+
+    def __init__(
+        self, stream: trio.SocketStream, remote: Address, local: Address, send_timeout: float
+    ) -> None:
+        self.remote = remote
+        self.local = local
+        self._stream = stream
+        self._send_timeout = send_timeout
+        self._send_lock = trio.Lock()
+        self._closed = False
+        self.last_activity = trio.current_time()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<TcpConnection {self.remote[0]}:{self.remote[1]} {state}>"
+
+    @property
+    def is_open(self) -> bool:
+        return not self._closed
+
+    async def send(self, data: bytes) -> None:
+        """Send bytes; a failure or a peer that does not read within `send_timeout` closes
+        the connection and raises `SipTransportError`."""
+        if self._closed:
+            raise SipTransportError(f"TCP connection to {_show(self.remote)} is closed")
+        async with self._send_lock:
+            with trio.move_on_after(self._send_timeout) as scope:
+                try:
+                    await self._stream.send_all(data)
+                except _TRANSPORT_ERRORS as exc:
+                    await self.aclose()
+                    raise SipTransportError(
+                        f"TCP send to {_show(self.remote)} failed: {exc or type(exc).__name__}"
+                    ) from None
+            if scope.cancelled_caught:
+                await self.aclose()
+                raise SipTransportError(f"TCP send to {_show(self.remote)} timed out")
+        self.last_activity = trio.current_time()
+
+    async def aclose(self) -> None:
+        """Close at once (the reader sees the close and ends). Never raises."""
+        self._closed = True
+        await trio.aclose_forcefully(self._stream)
+
+
+def _show(address: Address) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class SipTransport:
+    """The running transport of one port: sending, connections and statistics.
+
+    Created by `serve_sip_transports`, which reports it through `task_status`.
+    """
+
+    def __init__(
+        self,
+        udp: trio.socket.SocketType,
+        address: Address,
+        queue: trio.MemorySendChannel[tuple[SipMessage, Source]],
+        limits: SipLimits,
+        options: SipTransportOptions,
+        log: logging.Logger,
+    ) -> None:
+        self.address = address
+        """The bound (host, port), the same for UDP and TCP."""
+        self._udp = udp
+        self._queue = queue
+        self._limits = limits
+        self._options = options
+        self._log = log
+        self._stats = SipTransportStatistics()
+        self._connections: dict[Address, TcpConnection] = {}
+        self._closed = False
+
+    def statistics(self) -> SipTransportStatistics:
+        """A snapshot of the counters."""
+        return replace(self._stats, tcp_connections=len(self._connections))
+
+    def connection_to(self, address: Address) -> TcpConnection | None:
+        """The open TCP connection from `address`, if any."""
+        return self._connections.get(address)
+
+    async def send(self, data: bytes, destination: Destination) -> None:
+        """Send one message (or keepalive) to `destination`.
+
+        UDP goes from the listening socket, so a phone's NAT binding towards us is reused
+        (RFC 3581 §4 symmetric response). TCP goes on `destination.connection` if it is still
+        open, else on an open connection from `destination.address`; we never open one.
+        Raises `SipTransportError`.
+        """
+        try:
+            if self._closed:
+                raise SipTransportError("the SIP transport is closed")
+            if destination.transport == "udp":
+                await self._send_udp(data, destination.address)
+            else:
+                connection = destination.connection
+                if connection is None or not connection.is_open:
+                    connection = self._connections.get(destination.address)
+                if connection is None:
+                    raise SipTransportError(
+                        f"no open TCP connection to {_show(destination.address)}"
+                    )
+                await connection.send(data)
+        except SipTransportError:
+            self._stats.send_errors += 1
+            raise
+        self._stats.sent += 1
+
+    async def send_message(self, message: SipMessage, destination: Destination) -> None:
+        await self.send(message.encode(), destination)
+
+    async def send_response(self, response: SipResponse, source: Source) -> None:
+        """Send a response to the request that came from `source`, routed by the response's
+        top Via as RFC 3261 §18.2.2 and RFC 3581 §4 say (see `response_destination`)."""
+        try:
+            via = top_via_untrusted(response)
+        except SipParseError as exc:
+            self._stats.send_errors += 1
+            raise SipTransportError(f"cannot route a response: {exc.reason}") from None
+        await self.send(response.encode(), response_destination(via, source))
+
+    async def _send_udp(self, data: bytes, address: Address) -> None:
+        host, port = address
+        ip = _ip(host)
+        if ip is None or not 0 < port < 65536:
+            raise SipTransportError(f"not an IP address and port: {host!r} {port!r}")
+        if (ip.version == 6) != (self._udp.family == socket.AF_INET6):
+            raise SipTransportError(f"cannot reach {_show(address)} from {_show(self.address)}")
+        try:
+            await self._udp.sendto(data, (str(ip), port))
+        except OSError as exc:
+            raise SipTransportError(f"UDP send to {_show(address)} failed: {exc}") from None
+
+    # -- UDP -----------------------------------------------------------------------------------
+
+    async def _receive_udp(self) -> None:
+        udp = self._udp
+        stats = self._stats
+        local = self.address
+        while True:
+            try:
+                data, sockaddr = await udp.recvfrom(RECEIVE_SIZE)
+            except (ConnectionResetError, ConnectionRefusedError):
+                # An ICMP error for an earlier send, reported here by some systems.
+                continue
+            stats.datagrams_received += 1
+            remote = _address(sockaddr)
+            if is_datagram_keepalive(data):
+                stats.keepalives += 1
+                continue
+            source = Source("udp", remote, local, None, self)
+            inbound = read_message_untrusted(
+                data, remote, limits=self._limits, options=self._options
+            )
+            if inbound.message is None:
+                await self._refuse(inbound, source)
+                continue
+            try:
+                # Never wait for the handler here (module docstring).
+                self._queue.send_nowait((inbound.message, source))
+            except trio.WouldBlock:
+                stats.dropped_full += 1
+            else:
+                stats.received += 1
+
+    async def _refuse(self, inbound: Inbound, source: Source) -> bool:
+        """Answer a malformed request if it can be; return whether it was answered."""
+        reply = inbound.reply
+        if reply is None:
+            self._stats.dropped_malformed += 1
+            return False
+        self._stats.answered_malformed += 1
+        try:
+            await self.send_response(reply, source)
+        except SipTransportError as exc:
+            self._log.debug("could not answer a malformed request: %s", exc)
+        return True
+
+    # -- TCP -----------------------------------------------------------------------------------
+
+    async def _serve_tcp(self, stream: trio.SocketStream) -> None:
+        stats = self._stats
+        if len(self._connections) >= self._options.max_tcp_connections:
+            stats.tcp_refused += 1
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            remote = _address(stream.socket.getpeername())
+            local = _address(stream.socket.getsockname())
+        except OSError:
+            # Gone before we looked at it.
+            await trio.aclose_forcefully(stream)
+            return
+        connection = TcpConnection(stream, remote, local, self._options.send_timeout)
+        self._connections[remote] = connection
+        stats.tcp_accepted += 1
+        try:
+            await self._read_tcp(connection, stream)
+        finally:
+            if self._connections.get(remote) is connection:
+                del self._connections[remote]
+            with trio.CancelScope(shield=True):
+                await connection.aclose()
+
+    async def _read_tcp(self, connection: TcpConnection, stream: trio.SocketStream) -> None:
+        options = self._options
+        stats = self._stats
+        framer = SipStreamFramer(self._limits)
+        source = Source("tcp", connection.remote, connection.local, connection, self)
+        message_started: float | None = None
+        while connection.is_open:
+            deadline = connection.last_activity + options.tcp_idle_timeout
+            if message_started is not None:
+                deadline = min(deadline, message_started + options.tcp_message_timeout)
+            with trio.move_on_at(deadline) as scope:
+                try:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                except _TRANSPORT_ERRORS:
+                    return
+            if scope.cancelled_caught:
+                now = trio.current_time()
+                if (
+                    message_started is not None
+                    and now >= message_started + options.tcp_message_timeout
+                ) or now >= connection.last_activity + options.tcp_idle_timeout:
+                    stats.tcp_closed_idle += 1
+                    return
+                continue  # we sent something meanwhile: not idle
+            connection.last_activity = trio.current_time()
+            framer.receive_data(data)
+            if not await self._drain_framer(framer, source):
+                stats.tcp_closed_junk += 1
+                return
+            if not data:
+                return  # the peer closed its side
+            # A lone CRLF (up to a half ping) is held by the framer and is no message yet.
+            if framer.buffered > len(b"\r\n\r\n"):
+                if message_started is None:
+                    message_started = trio.current_time()
+            else:
+                message_started = None
+
+    async def _drain_framer(self, framer: SipStreamFramer, source: Source) -> bool:
+        """Handle every complete message and keepalive; False when the connection must close."""
+        stats = self._stats
+        connection = source.connection
+        assert connection is not None
+        while True:
+            try:
+                event = framer.next_message()
+            except SipParseError as exc:
+                # RFC 3261 §18.3: the stream cannot be resynchronised; answer if we can, close.
+                reply = _error_reply(exc, source.remote, self._options)
+                await self._refuse(Inbound(reply=reply, error=exc), source)
+                return False
+            if event is None:
+                return True
+            if isinstance(event, KeepAlivePing):
+                # RFC 5626 §4.4.1: a CRLFCRLF ping is answered with one CRLF.
+                stats.keepalives += 1
+                try:
+                    await self.send(KEEPALIVE_PONG, source.destination)
+                except SipTransportError:
+                    return False
+                continue
+            if isinstance(event, KeepAlivePong):
+                continue
+            inbound = read_message_untrusted(
+                event, source.remote, limits=self._limits, options=self._options
+            )
+            if inbound.message is None:
+                # Framed, so still in sync: answer and go on; if it cannot even be answered
+                # it is not SIP, and the peer is disconnected.
+                if not await self._refuse(inbound, source):
+                    return False
+                continue
+            # TCP waits for room in the queue (module docstring).
+            await self._queue.send((inbound.message, source))
+            stats.received += 1
+
+    # -- handler -------------------------------------------------------------------------------
+
+    async def _run_handler(
+        self, handler: Handler, queue: trio.MemoryReceiveChannel[tuple[SipMessage, Source]]
+    ) -> None:
+        async with queue:
+            async for message, source in queue:
+                try:
+                    await handler(message, source)
+                except Exception:
+                    self._stats.handler_errors += 1
+                    self._log.exception(
+                        "SIP handler failed on a message from %s", _show(source.remote)
+                    )
+
+    def _close(self) -> None:
+        self._closed = True
+        for connection in list(self._connections.values()):
+            connection._closed = True
+
+
+def _family(host: str) -> socket.AddressFamily:
+    ip = _ip(host)
+    if ip is None:
+        raise ValueError(f"SIP transports bind IP addresses only, not {host!r}")
+    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+
+
+async def _bind(
+    host: str, port: int, attempts: int
+) -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
+    """A UDP socket and a listening TCP socket on the same port. For port 0 UDP picks it, and
+    another is tried when TCP finds it taken."""
+    family = _family(host)
+    for _ in range(max(1, attempts)):
+        udp = trio.socket.socket(family, socket.SOCK_DGRAM)
+        tcp = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if family == socket.AF_INET6:
+                # One family per socket pair: an IPv4-mapped source would need mapping back.
+                udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # Restarting must not wait for the old TCP connections' TIME_WAIT.
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            await udp.bind((host, port))
+            bound_port = _address(udp.getsockname())[1]
+            try:
+                await tcp.bind((host, bound_port))
+            except OSError as exc:
+                if port != 0 or exc.errno != errno.EADDRINUSE:
+                    raise
+                udp.close()
+                tcp.close()
+                continue
+            tcp.listen(TCP_BACKLOG)
+        except BaseException:
+            udp.close()
+            tcp.close()
+            raise
+        return udp, tcp
+    raise OSError(errno.EADDRINUSE, f"no port free for both UDP and TCP on {host} in {attempts}")
+
+
+async def serve_sip_transports(
+    host: str,
+    port: int,
+    handler: Handler,
+    *,
+    limits: SipLimits = DEFAULT_LIMITS,
+    options: SipTransportOptions = DEFAULT_OPTIONS,
+    log: logging.Logger = _LOG,
+    task_status: trio.TaskStatus[tuple[Address, SipTransport]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve SIP over UDP and TCP on `host`:`port` (an IP literal; port 0 picks one free for
+    both) until cancelled; report `((host, port), transport)` through `task_status`.
+
+    Every good message is passed to `handler(message, source)`; see the module docstring for
+    what the transport answers itself and what it drops.
+    """
+    udp, tcp = await _bind(host, port, options.bind_attempts)
+    address = _address(udp.getsockname())
+    send_queue, receive_queue = trio.open_memory_channel[tuple[SipMessage, Source]](
+        max(0, options.queue_size)
+    )
+    transport = SipTransport(udp, address, send_queue, limits, options, log)
+    try:
+        async with trio.open_nursery() as nursery:
+            async with receive_queue:
+                for _ in range(max(1, options.handler_tasks)):
+                    nursery.start_soon(transport._run_handler, handler, receive_queue.clone())
+            nursery.start_soon(transport._receive_udp)
+            nursery.start_soon(
+                partial(
+                    trio.serve_listeners,
+                    transport._serve_tcp,
+                    [trio.SocketListener(tcp)],
+                    handler_nursery=nursery,
+                )
+            )
+            task_status.started((address, transport))
+    finally:
+        transport._close()
+        udp.close()
+        tcp.close()

@@ -1,0 +1,726 @@
+"""SIP over UDP and TCP on one port (shared/aio/sip_transport.py), on loopback with port 0.
+
+The pure part (Via stamping, response routing, reading untrusted bytes) is tested alone first;
+then the transport with real sockets: UDP, TCP, keepalives, malformed input, floods, and SIPp.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.aio.sip_transport import (
+    Destination,
+    Handler,
+    SipTransport,
+    SipTransportError,
+    SipTransportOptions,
+    Source,
+    read_message_untrusted,
+    response_destination,
+    serve_sip_transports,
+    stamp_top_via_untrusted,
+    top_via_untrusted,
+)
+from shared.sip.errors import SipParseError
+from shared.sip.headers import parse_via_untrusted
+from shared.sip.message import (
+    SipMessage,
+    SipRequest,
+    SipResponse,
+    generate_tag,
+    make_response,
+    parse_message_untrusted,
+)
+
+LOOPBACK = "127.0.0.1"
+GUARD = 10  # seconds; a hang guard, never a timing assertion
+
+
+def request_bytes(
+    *,
+    method: str = "OPTIONS",
+    via: str = "SIP/2.0/UDP phone.example.com:5062;branch=z9hG4bK-1;rport",
+    call_id: str = "call-1@phone",
+    cseq: str | None = None,
+    extra: str = "",
+    body: bytes = b"",
+    content_length: bool = True,
+) -> bytes:
+    head = (
+        f"{method} sip:registrar.example.com SIP/2.0\r\n"
+        f"Via: {via}\r\n"
+        "Max-Forwards: 70\r\n"
+        "From: <sip:201@example.com>;tag=abc\r\n"
+        "To: <sip:201@example.com>\r\n"
+        f"Call-ID: {call_id}\r\n"
+        f"CSeq: {cseq or '1 ' + method}\r\n"
+        f"{extra}"
+    )
+    if content_length:
+        head += f"Content-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+def response_bytes(*, status: str = "200 OK", via: str | None = None) -> bytes:
+    return (
+        f"SIP/2.0 {status}\r\n"
+        f"Via: {via or 'SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-ours'}\r\n"
+        "From: <sip:201@example.com>;tag=abc\r\n"
+        "To: <sip:201@example.com>;tag=def\r\n"
+        "Call-ID: ours-1\r\n"
+        "CSeq: 7 OPTIONS\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure part.
+
+
+def parse_request(data: bytes) -> SipRequest:
+    message = parse_message_untrusted(data)
+    assert isinstance(message, SipRequest)
+    return message
+
+
+def test_stamp_adds_received_for_a_name_and_fills_empty_rport() -> None:
+    request = parse_request(request_bytes())
+    top = stamp_top_via_untrusted(request, ("192.0.2.7", 40001))
+    assert top.received == "192.0.2.7"
+    assert top.rport == 40001
+    assert request.top_via == top
+    assert request.top_via.branch == "z9hG4bK-1"
+    assert b";received=192.0.2.7" in request.encode()
+    assert b";rport=40001" in request.encode()
+
+
+def test_stamp_rport_forces_received_even_when_sent_by_is_the_source() -> None:
+    # RFC 3581 §4: with rport, received is added even if it equals sent-by.
+    request = parse_request(request_bytes(via="SIP/2.0/UDP 192.0.2.7:5060;rport;branch=z9hG4bK-2"))
+    top = stamp_top_via_untrusted(request, ("192.0.2.7", 5060))
+    assert top.received == "192.0.2.7"
+    assert top.rport == 5060
+
+
+def test_stamp_leaves_a_matching_ip_sent_by_alone_and_keeps_the_bytes() -> None:
+    data = request_bytes(via="SIP/2.0/UDP 192.0.2.7:5062;branch=z9hG4bK-3")
+    request = parse_request(data)
+    top = stamp_top_via_untrusted(request, ("192.0.2.7", 33333))
+    assert top.received is None
+    assert not top.has_rport
+    assert request.encode() == data  # untouched: the received bytes are kept
+
+
+def test_stamp_adds_received_when_the_ip_differs_but_not_rport() -> None:
+    request = parse_request(request_bytes(via="SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bK-4"))
+    top = stamp_top_via_untrusted(request, ("203.0.113.9", 1024))
+    assert top.received == "203.0.113.9"
+    assert not top.has_rport
+
+
+def test_stamp_compares_ipv6_addresses_not_text() -> None:
+    via = "SIP/2.0/UDP [2001:db8:0::1]:5060;branch=z9hG4bK-5"
+    request = parse_request(request_bytes(via=via))
+    top = stamp_top_via_untrusted(request, ("2001:db8::1", 5060))
+    assert top.received is None
+
+
+def test_stamp_force_rport_acts_as_if_asked() -> None:
+    request = parse_request(request_bytes(via="SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bK-6"))
+    top = stamp_top_via_untrusted(request, ("198.51.100.1", 2000), force_rport=True)
+    assert (top.received, top.rport) == ("198.51.100.1", 2000)
+
+
+def test_stamp_overwrites_an_rport_value_the_client_should_not_have_sent() -> None:
+    request = parse_request(request_bytes(via="SIP/2.0/UDP 10.0.0.5;rport=9;branch=z9hG4bK-7"))
+    top = stamp_top_via_untrusted(request, ("198.51.100.1", 2000))
+    assert top.rport == 2000
+
+
+def test_stamp_touches_only_the_top_via_of_a_comma_list_and_keeps_header_order() -> None:
+    data = (
+        b"OPTIONS sip:x@example.com SIP/2.0\r\n"
+        b"v: SIP/2.0/UDP a.example.com;branch=z9hG4bK-top;rport , SIP/2.0/TCP b.example.com\r\n"
+        b"Via: SIP/2.0/UDP c.example.com;branch=z9hG4bK-c\r\n"
+        b"From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>\r\n"
+        b"Call-ID: x\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    )
+    request = parse_request(data)
+    stamp_top_via_untrusted(request, ("192.0.2.1", 7))
+    vias = request.vias
+    assert [v.host for v in vias] == ["a.example.com", "b.example.com", "c.example.com"]
+    assert vias[0].received == "192.0.2.1" and vias[0].rport == 7
+    assert vias[1].received is None and vias[2].received is None
+    names = [name for name, _ in request.headers]
+    assert names == ["Via", "Via", "From", "To", "Call-ID", "CSeq", "Content-Length"]
+
+
+def test_stamp_refuses_a_missing_or_broken_top_via() -> None:
+    request = parse_request(request_bytes(via="SIP/2.0/UDP"))
+    with pytest.raises(SipParseError) as caught:
+        stamp_top_via_untrusted(request, ("192.0.2.1", 7))
+    assert caught.value.status == 400
+    request.headers.remove("Via")
+    with pytest.raises(SipParseError, match="Missing Via"):
+        stamp_top_via_untrusted(request, ("192.0.2.1", 7))
+
+
+UDP_SOURCE = Source("udp", ("192.0.2.50", 40000), ("192.0.2.1", 5060))
+
+
+@pytest.mark.parametrize(
+    ("via", "expected"),
+    [
+        # RFC 3581 §4: received + rport.
+        ("SIP/2.0/UDP phone.example.com;received=192.0.2.50;rport=40000", ("192.0.2.50", 40000)),
+        # RFC 3261 §18.2.2: received + the sent-by port.
+        ("SIP/2.0/UDP phone.example.com:5070;received=192.0.2.50", ("192.0.2.50", 5070)),
+        # ... or 5060 when sent-by has none.
+        ("SIP/2.0/UDP phone.example.com;received=192.0.2.50", ("192.0.2.50", 5060)),
+        # No received: sent-by itself (an IP address, or we could not have omitted received).
+        ("SIP/2.0/UDP 192.0.2.50:5062", ("192.0.2.50", 5062)),
+        ("SIP/2.0/UDP [2001:db8::7]", ("2001:db8::7", 5060)),
+        ("SIP/2.0/UDP [2001:db8::7];received=2001:db8::8;rport=9", ("2001:db8::8", 9)),
+    ],
+)
+def test_response_destination_over_udp(via: str, expected: tuple[str, int]) -> None:
+    assert response_destination(parse_via_untrusted(via), UDP_SOURCE) == Destination(
+        "udp", expected
+    )
+
+
+def test_response_destination_refuses_a_name_without_received() -> None:
+    with pytest.raises(SipTransportError, match="name"):
+        response_destination(parse_via_untrusted("SIP/2.0/UDP phone.example.com"), UDP_SOURCE)
+
+
+def test_response_destination_over_tcp_is_the_request_connection() -> None:
+    source = Source("tcp", ("192.0.2.50", 40000), ("192.0.2.1", 5060))
+    via = parse_via_untrusted("SIP/2.0/TCP phone.example.com;received=192.0.2.9;rport=1")
+    assert response_destination(via, source) == Destination("tcp", ("192.0.2.50", 40000))
+
+
+def test_read_gives_a_stamped_request() -> None:
+    inbound = read_message_untrusted(request_bytes(), ("192.0.2.7", 40001))
+    assert inbound.reply is None and inbound.error is None
+    assert isinstance(inbound.message, SipRequest)
+    assert inbound.message.top_via.rport == 40001
+
+
+def test_read_gives_a_response_as_it_came() -> None:
+    data = response_bytes()
+    inbound = read_message_untrusted(data, ("192.0.2.7", 40001))
+    assert isinstance(inbound.message, SipResponse)
+    assert inbound.message.encode() == data
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "reason"),
+    [
+        (request_bytes(cseq="1 INVITE"), 400, "CSeq method does not match the request method"),
+        (request_bytes().replace(b" SIP/2.0\r\n", b" SIP/7.0\r\n", 1), 505, "Version"),
+        (request_bytes(extra="Require: foo\r\n"), 420, "Bad Extension"),
+        (request_bytes(extra="Max-Forwards: 9\r\n"), 400, "Multiple Max-Forwards"),
+        (request_bytes(body=b"x" * 10).replace(b"Length: 10", b"Length: 99"), 400, "Content-Len"),
+    ],
+)
+def test_read_answers_a_malformed_request(data: bytes, status: int, reason: str) -> None:
+    inbound = read_message_untrusted(data, ("192.0.2.7", 40001))
+    assert inbound.message is None
+    reply = inbound.reply
+    assert reply is not None
+    assert reply.status == status
+    assert reason in reply.reason
+    assert reply.call_id == "call-1@phone"
+    assert reply.to_tag is not None
+    # The reply is routed like any response: received/rport were stamped first.
+    assert reply.top_via.received == "192.0.2.7"
+    assert reply.top_via.rport == 40001
+
+
+def test_read_420_names_the_unsupported_extension() -> None:
+    inbound = read_message_untrusted(request_bytes(extra="Require: foo, path\r\n"), ("1.2.3.4", 5))
+    assert inbound.reply is not None
+    assert inbound.reply.headers.get("Unsupported") == "foo, path"
+    options = SipTransportOptions(supported_extensions=frozenset({"foo", "path"}))
+    inbound = read_message_untrusted(
+        request_bytes(extra="Require: foo, path\r\n"), ("1.2.3.4", 5), options=options
+    )
+    assert inbound.message is not None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"hello world",
+        b"\x00\x01\x02\x03" * 10,
+        response_bytes(status="200 OK", via="SIP/2.0/UDP"),  # a malformed response
+        request_bytes(method="ACK", cseq="1 INVITE"),  # a malformed ACK is never answered
+        request_bytes(call_id="").replace(b"Call-ID: \r\n", b""),  # nothing to copy
+        request_bytes(via="garbage"),  # nowhere to send a reply
+        request_bytes().replace(b"From:", b"Frm:"),  # no From
+    ],
+)
+def test_read_drops_what_cannot_be_answered(data: bytes) -> None:
+    inbound = read_message_untrusted(data, ("192.0.2.7", 40001))
+    assert inbound.message is None
+    assert inbound.reply is None
+    assert inbound.error is not None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_fuzz_read_random_bytes_never_raises(data: bytes) -> None:
+    inbound = read_message_untrusted(data, ("192.0.2.7", 40001))
+    assert (inbound.message is None) == (inbound.error is not None)
+
+
+def _mutations() -> st.SearchStrategy[bytes]:
+    base = request_bytes(extra="Contact: <sip:201@192.0.2.7:5062>\r\n")
+
+    @st.composite
+    def mutate(draw: st.DrawFn) -> bytes:
+        data = bytearray(base)
+        for _ in range(draw(st.integers(1, 8))):
+            i = draw(st.integers(0, len(data) - 1))
+            op = draw(st.sampled_from(["flip", "delete", "insert"]))
+            if op == "flip":
+                data[i] = draw(st.integers(0, 255))
+            elif op == "delete":
+                del data[i]
+            else:
+                data[i:i] = draw(st.sampled_from([b"\r\n", b";", b",", b" ", b":", b"\x00", b"<"]))
+        return bytes(data)
+
+    return mutate()
+
+
+@settings(max_examples=400, deadline=None)
+@given(_mutations())
+def test_fuzz_read_mutated_requests_never_raise_and_replies_route(data: bytes) -> None:
+    inbound = read_message_untrusted(data, ("192.0.2.7", 40001))
+    for message in (inbound.message, inbound.reply):
+        if message is None:
+            continue
+        # Whatever comes out can be routed and serialized and read back.
+        via = top_via_untrusted(message)
+        assert response_destination(via, UDP_SOURCE).address[0] in ("192.0.2.7", via.host)
+        assert isinstance(parse_message_untrusted(message.encode()), type(message))
+        if message is inbound.message:
+            assert message.top_via == via  # a message for the handler is fully valid
+    if inbound.reply is not None:
+        assert inbound.error is not None
+        assert inbound.reply.status == inbound.error.status
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    host=st.one_of(
+        st.ip_addresses(v=4).map(str),
+        st.from_regex(r"[a-z]{1,10}\.example\.com", fullmatch=True),
+    ),
+    source_ip=st.ip_addresses(v=4).map(str),
+    source_port=st.integers(1, 65535),
+    rport=st.booleans(),
+)
+def test_property_stamped_via_routes_responses_to_the_source(
+    host: str, source_ip: str, source_port: int, rport: bool
+) -> None:
+    via = f"SIP/2.0/UDP {host}:5070;branch=z9hG4bK-p" + (";rport" if rport else "")
+    request = parse_request(request_bytes(via=via))
+    top = stamp_top_via_untrusted(request, (source_ip, source_port))
+    destination = response_destination(top, UDP_SOURCE)
+    # The packet's source address always; its port exactly when rport was asked for.
+    assert destination.address[0] == source_ip
+    assert destination.address[1] == (source_port if rport else 5070)
+    # Idempotent: stamping again for the same source changes nothing.
+    assert stamp_top_via_untrusted(request, (source_ip, source_port)) == top
+
+
+# ---------------------------------------------------------------------------------------------
+# The transport on real loopback sockets.
+
+
+@dataclass
+class Recorder:
+    """A handler that records what it gets and answers requests 200 (unless told otherwise)."""
+
+    answer: bool = True
+    gate: trio.Event | None = None
+    seen: list[tuple[SipMessage, Source]] = field(default_factory=list)
+    arrived: trio.Condition = field(default_factory=trio.Condition)
+
+    async def __call__(self, message: SipMessage, source: Source) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        self.seen.append((message, source))
+        async with self.arrived:
+            self.arrived.notify_all()
+        if self.answer and isinstance(message, SipRequest) and message.method != "ACK":
+            await source.reply(make_response(message, 200, to_tag=generate_tag()))
+
+    async def wait_for(self, count: int) -> list[tuple[SipMessage, Source]]:
+        with trio.fail_after(GUARD):
+            async with self.arrived:
+                while len(self.seen) < count:
+                    await self.arrived.wait()
+        return self.seen
+
+
+@dataclass
+class Server:
+    address: tuple[str, int]
+    transport: SipTransport
+    recorder: Recorder
+
+
+async def start(
+    nursery: trio.Nursery,
+    handler: Handler | None = None,
+    *,
+    answer: bool = True,
+    recorder: Recorder | None = None,
+    **options: Any,
+) -> Server:
+    recorder = recorder or Recorder(answer=answer)
+    serve = partial(
+        serve_sip_transports,
+        LOOPBACK,
+        0,
+        handler or recorder,
+        options=SipTransportOptions(**options),
+    )
+    address, transport = await nursery.start(serve)
+    return Server(address, transport, recorder)
+
+
+@pytest.fixture
+async def udp_client() -> AsyncIterator[Callable[[], Awaitable[trio.socket.SocketType]]]:
+    """A factory of loopback UDP sockets, all closed after the test."""
+    sockets: list[trio.socket.SocketType] = []
+
+    async def make() -> trio.socket.SocketType:
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sockets.append(sock)
+        await sock.bind((LOOPBACK, 0))
+        return sock
+
+    yield make
+    for sock in sockets:
+        sock.close()
+
+
+UdpClient = Callable[[], Awaitable[trio.socket.SocketType]]
+
+
+async def receive_datagram(sock: trio.socket.SocketType) -> tuple[bytes, tuple[str, int]]:
+    with trio.fail_after(GUARD):
+        data, address = await sock.recvfrom(65536)
+    return data, address
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    with trio.fail_after(GUARD):
+        # Counters have no event to wait on; poll them.
+        while not predicate():  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
+async def test_udp_request_reaches_the_handler_with_received_and_rport(
+    nursery: trio.Nursery,
+    udp_client: UdpClient,
+) -> None:
+    server = await start(nursery, answer=False)
+    client = await udp_client()
+    client_address = client.getsockname()
+    await client.sendto(request_bytes(), server.address)
+    [(message, source)] = await server.recorder.wait_for(1)
+    assert isinstance(message, SipRequest)
+    assert message.method == "OPTIONS"
+    assert message.top_via.received == LOOPBACK
+    assert message.top_via.rport == client_address[1]
+    assert source.transport == "udp"
+    assert source.remote == client_address
+    assert source.local == server.address
+    assert source.connection is None
+    stats = server.transport.statistics()
+    assert (stats.datagrams_received, stats.received) == (1, 1)
+
+
+async def test_udp_response_goes_back_to_the_source_port_from_the_server_port(
+    nursery: trio.Nursery,
+    udp_client: UdpClient,
+) -> None:
+    server = await start(nursery)
+    client = await udp_client()
+    # sent-by claims port 5999: with rport the answer must still come to the real source.
+    await client.sendto(
+        request_bytes(via="SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bK-s;rport"), server.address
+    )
+    data, sender = await receive_datagram(client)
+    assert sender == server.address  # symmetric: from the socket the request came in on
+    response = parse_message_untrusted(data)
+    assert isinstance(response, SipResponse)
+    assert response.status == 200
+    assert response.top_via.rport == client.getsockname()[1]
+    assert response.top_via.received == LOOPBACK
+    await wait_until(lambda: server.transport.statistics().sent == 1)
+
+
+async def test_udp_response_without_rport_goes_to_the_sent_by_port(
+    nursery: trio.Nursery, udp_client: UdpClient
+) -> None:
+    # RFC 3261 §18.2.2: without rport the port of sent-by is used, not the source port.
+    server = await start(nursery)
+    sender = await udp_client()
+    listener = await udp_client()
+    port = listener.getsockname()[1]
+    await sender.sendto(
+        request_bytes(via=f"SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-n"), server.address
+    )
+    data, _ = await receive_datagram(listener)
+    response = parse_message_untrusted(data)
+    assert isinstance(response, SipResponse) and response.status == 200
+    assert response.top_via.received is None  # sent-by was the source address
+
+
+async def test_udp_force_rport_answers_the_source_port(
+    nursery: trio.Nursery, udp_client: UdpClient
+) -> None:
+    server = await start(nursery, force_rport=True)
+    client = await udp_client()
+    await client.sendto(
+        request_bytes(via="SIP/2.0/UDP 10.1.1.1:5060;branch=z9hG4bK-f"), server.address
+    )
+    data, _ = await receive_datagram(client)
+    response = parse_message_untrusted(data)
+    assert isinstance(response, SipResponse) and response.status == 200
+    assert response.top_via.rport == client.getsockname()[1]
+
+
+async def test_udp_malformed_request_gets_400_naming_the_problem(
+    nursery: trio.Nursery, udp_client: UdpClient
+) -> None:
+    server = await start(nursery)
+    client = await udp_client()
+    await client.sendto(request_bytes(cseq="1 INVITE"), server.address)
+    data, sender = await receive_datagram(client)
+    assert sender == server.address
+    response = parse_message_untrusted(data)
+    assert isinstance(response, SipResponse)
+    assert response.status == 400
+    assert response.reason == "CSeq method does not match the request method"
+    assert response.call_id == "call-1@phone"
+    assert server.recorder.seen == []
+    stats = server.transport.statistics()
+    assert (stats.answered_malformed, stats.received, stats.dropped_malformed) == (1, 0, 0)
+
+
+async def test_udp_wrong_version_gets_505(nursery: trio.Nursery, udp_client: UdpClient) -> None:
+    server = await start(nursery)
+    client = await udp_client()
+    await client.sendto(
+        request_bytes().replace(b" SIP/2.0\r\n", b" SIP/3.0\r\n", 1), server.address
+    )
+    data, _ = await receive_datagram(client)
+    response = parse_message_untrusted(data)
+    assert isinstance(response, SipResponse)
+    assert (response.status, response.reason) == (505, "Version Not Supported")
+
+
+async def test_udp_garbage_is_dropped_and_counted_and_the_server_keeps_working(
+    nursery: trio.Nursery,
+    udp_client: UdpClient,
+) -> None:
+    server = await start(nursery)
+    client = await udp_client()
+    junk = [
+        b"\x16\x03\x01\x00\x10garbage",
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        request_bytes(method="ACK", cseq="1 INVITE"),  # malformed ACK: never answered
+        request_bytes().replace(b"Call-ID: call-1@phone\r\n", b""),  # nothing to answer with
+        response_bytes(via="nonsense"),  # malformed response
+        b"\xff" * 2000,
+    ]
+    for datagram in junk:
+        await client.sendto(datagram, server.address)
+    await client.sendto(request_bytes(call_id="good"), server.address)
+    # The first (and only) answer is the good request's: nothing was sent for the junk.
+    data, _ = await receive_datagram(client)
+    response = parse_message_untrusted(data)
+    assert isinstance(response, SipResponse)
+    assert (response.status, response.call_id) == (200, "good")
+    stats = server.transport.statistics()
+    assert stats.dropped_malformed == len(junk)
+    assert stats.answered_malformed == 0
+    assert stats.received == 1
+    assert stats.datagrams_received == len(junk) + 1
+
+
+async def test_udp_keepalive_is_ignored_and_counted(
+    nursery: trio.Nursery, udp_client: UdpClient
+) -> None:
+    server = await start(nursery)
+    client = await udp_client()
+    await client.sendto(b"\r\n\r\n", server.address)
+    await client.sendto(b"\x00\x00\x00\x00", server.address)
+    await client.sendto(request_bytes(call_id="after"), server.address)
+    data, _ = await receive_datagram(client)
+    # No CRLF pong came first: the answer to the request is the first datagram.
+    assert data.startswith(b"SIP/2.0 200")
+    stats = server.transport.statistics()
+    assert (stats.keepalives, stats.dropped_malformed, stats.received) == (2, 0, 1)
+
+
+async def test_udp_responses_reach_the_handler(
+    nursery: trio.Nursery, udp_client: UdpClient
+) -> None:
+    server = await start(nursery)
+    client = await udp_client()
+    await client.sendto(response_bytes(status="180 Ringing"), server.address)
+    [(message, source)] = await server.recorder.wait_for(1)
+    assert isinstance(message, SipResponse)
+    assert message.status == 180
+    assert source.remote == client.getsockname()
+
+
+async def test_udp_flood_with_a_stuck_handler_drops_and_never_blocks_the_receive_loop(
+    nursery: trio.Nursery,
+    udp_client: UdpClient,
+) -> None:
+    gate = trio.Event()
+    recorder = Recorder(gate=gate, answer=False)
+    server = await start(nursery, recorder=recorder, queue_size=4)
+    client = await udp_client()
+    flood = 50  # small datagrams: well inside the kernel's receive buffer
+    for i in range(flood):
+        await client.sendto(request_bytes(call_id=f"flood-{i}"), server.address)
+    # The receive loop reads every datagram although the handler is stuck on the gate.
+    await wait_until(lambda: server.transport.statistics().datagrams_received == flood)
+    stats = server.transport.statistics()
+    assert stats.received + stats.dropped_full == flood
+    # At most the queue plus the one message the stuck handler holds got through.
+    assert stats.received <= 4 + 1
+    assert stats.dropped_full >= flood - 5
+    gate.set()
+    seen = await recorder.wait_for(stats.received)
+    # What got through is handed over in order; the server still answers afterwards.
+    numbers = [int(str(message.call_id).rpartition("-")[2]) for message, _ in seen]
+    assert numbers == sorted(numbers)
+    recorder.answer = True
+    await client.sendto(request_bytes(call_id="later"), server.address)
+    data, _ = await receive_datagram(client)
+    assert b"Call-ID: later" in data and data.startswith(b"SIP/2.0 200")
+
+
+async def test_handler_errors_are_counted_and_the_server_goes_on(
+    nursery: trio.Nursery, udp_client: UdpClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[str] = []
+
+    async def handler(message: SipMessage, source: Source) -> None:
+        calls.append(message.call_id)
+        if message.call_id == "boom":
+            raise RuntimeError("handler bug")
+
+    server = await start(nursery, handler)
+    client = await udp_client()
+    await client.sendto(request_bytes(call_id="boom"), server.address)
+    await client.sendto(request_bytes(call_id="fine"), server.address)
+    await wait_until(lambda: len(calls) == 2)
+    assert calls == ["boom", "fine"]
+    assert server.transport.statistics().handler_errors == 1
+    assert "handler bug" in caplog.text
+
+
+async def test_send_over_udp_from_the_listening_socket(
+    nursery: trio.Nursery, udp_client: UdpClient
+) -> None:
+    server = await start(nursery)
+    client = await udp_client()
+    data = request_bytes(method="NOTIFY", via="SIP/2.0/UDP 127.0.0.1;branch=z9hG4bK-out")
+    await server.transport.send(data, Destination("udp", client.getsockname()))
+    got, sender = await receive_datagram(client)
+    assert (got, sender) == (data, server.address)
+
+
+@pytest.mark.parametrize(
+    "destination",
+    [
+        Destination("udp", ("phone.example.com", 5060)),  # no DNS here
+        Destination("udp", ("127.0.0.1", 0)),
+        Destination("udp", ("::1", 5060)),  # wrong family for this socket
+        Destination("tcp", ("127.0.0.1", 5060)),  # no such connection; never opened
+    ],
+)
+async def test_send_failures_raise_our_error_and_count(
+    nursery: trio.Nursery, destination: Destination
+) -> None:
+    server = await start(nursery)
+    with pytest.raises(SipTransportError):
+        await server.transport.send(b"x", destination)
+    assert server.transport.statistics().send_errors == 1
+    assert server.transport.statistics().sent == 0
+
+
+async def test_reply_without_a_transport_is_our_error() -> None:
+    response = make_response(parse_request(request_bytes()), 200)
+    with pytest.raises(SipTransportError):
+        await UDP_SOURCE.reply(response)
+
+
+async def test_send_response_without_a_via_is_our_error(nursery: trio.Nursery) -> None:
+    server = await start(nursery)
+    response = SipResponse(200, "OK")
+    with pytest.raises(SipTransportError, match="route"):
+        await server.transport.send_response(response, UDP_SOURCE)
+
+
+async def test_port_zero_binds_udp_and_tcp_on_the_same_port(
+    nursery: trio.Nursery, udp_client: UdpClient
+) -> None:
+    server = await start(nursery)
+    host, port = server.address
+    assert host == LOOPBACK and port > 0
+    assert server.transport.address == server.address
+    stream = await trio.open_tcp_stream(host, port)  # TCP listens on the very same port
+    await stream.aclose()
+    client = await udp_client()
+    await client.sendto(request_bytes(), (host, port))
+    data, _ = await receive_datagram(client)
+    assert data.startswith(b"SIP/2.0 200")
+
+
+async def test_a_fixed_port_whose_tcp_twin_is_taken_is_an_error(nursery: trio.Nursery) -> None:
+    taken = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with taken:
+        await taken.bind((LOOPBACK, 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError):
+            await serve_sip_transports(LOOPBACK, port, Recorder())
+
+
+async def test_hostnames_are_refused_at_bind() -> None:
+    with pytest.raises(ValueError, match="IP addresses"):
+        await serve_sip_transports("localhost", 0, Recorder())
+
+
+async def test_stopping_closes_the_port(nursery: trio.Nursery) -> None:
+    async with trio.open_nursery() as inner:
+        server = await start(inner)
+        inner.cancel_scope.cancel()
+    with pytest.raises(SipTransportError, match="closed"):
+        await server.transport.send(b"x", Destination("udp", ("127.0.0.1", 9)))
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream(*server.address)
