@@ -1,6 +1,20 @@
 """The SIP message layer: pure, sans-I/O parsing and serializing (RFC 3261, RFC 4475).
 
-Re-exports the names most callers need; the modules say what each owns.
+Re-exports the names most callers need; the modules say what each owns. A transport reads a
+datagram like this::
+
+    try:
+        msg = parse_message_untrusted(data)
+        if isinstance(msg, SipRequest):
+            validate_request_untrusted(msg, supported_extensions=SUPPORTED)
+        else:
+            validate_response_untrusted(msg)
+    except SipParseError as exc:
+        reply = error_response(exc, to_tag=generate_tag())  # None: drop silently
+        ...
+
+and a stream through `SipStreamFramer`, whose `next_message()` yields message bytes (for
+`parse_message_untrusted`) or keepalive events (answer a `KeepAlivePing` with a CRLF).
 """
 
 from shared.sip.errors import SipParseError
