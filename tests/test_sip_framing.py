@@ -263,3 +263,19 @@ def test_client_sees_each_pong_before_a_message(messages, pongs, sizes):
     for chunk in _chunks(b"".join(items), sizes):
         events += feed(framer, chunk)
     assert events == [KeepAlivePong() if item == KEEPALIVE_PONG else item for item in items]
+
+
+def test_a_caller_that_does_not_drain_is_stopped():
+    framer = SipStreamFramer(SipLimits(max_message_size=500))
+    framer.receive_data(message(1) * 3)
+    with pytest.raises(SipParseError) as info:
+        framer.receive_data(message(2))
+    assert info.value.status == 513
+    with pytest.raises(SipParseError):
+        framer.next_message()
+
+
+def test_a_big_read_of_many_messages_is_fine_when_drained():
+    framer = SipStreamFramer(SipLimits(max_message_size=500))
+    for n in range(5):
+        assert feed(framer, message(n) * 4) == [message(n)] * 4

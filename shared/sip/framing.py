@@ -74,7 +74,17 @@ class SipStreamFramer:
         return len(self._buffer)
 
     def receive_data(self, data: bytes) -> None:
-        """Feed bytes from the stream; `b""` means the peer closed its side."""
+        """Feed bytes from the stream; `b""` means the peer closed its side.
+
+        Call `next_message()` until it returns None after each call: then at most one partial
+        message stays buffered, below `max_message_size`. A caller that does not drain gets a
+        `SipParseError` (513) here instead of an unbounded buffer.
+        """
+        if self._error is not None:
+            return  # the stream is dead; next_message() says why
+        if len(self._buffer) > self._limits.max_message_size:
+            self._error = SipParseError(513, "Message Too Large")
+            raise self._error
         if not data:
             self._eof = True
             return
