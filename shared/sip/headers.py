@@ -359,14 +359,16 @@ class Address:
 
     @property
     def expires(self) -> int | None:
-        """The Contact `expires` parameter (RFC 3261 §10.2.1.1), or None."""
+        """The Contact `expires` parameter (RFC 3261 §10.2.1.1), or None; `SipParseError` (400)
+        if it is no number below 2**32 (a validated message's contacts have been checked)."""
         if "expires" not in self.params:
             return None
         return _delta_seconds(self.params["expires"] or "", "Contact expires")
 
     @property
     def q(self) -> float | None:
-        """The Contact `q` parameter (RFC 3261 §20.10 qvalue), or None."""
+        """The Contact `q` parameter (RFC 3261 §20.10 qvalue), or None; `SipParseError` (400)
+        if malformed (a validated message's contacts have been checked)."""
         if "q" not in self.params:
             return None
         text = self.params["q"] or ""
