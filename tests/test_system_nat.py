@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import signal
 import time
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 from labsystem import LabSystem, wait_until  # deploy/lab, on sys.path via labfixtures
@@ -29,6 +31,15 @@ def office_online(system: LabSystem, office: int, address: str | None = None) ->
     return bool(entry["online"]) and (address is None or entry["public_address"] == address)
 
 
+def nat_reported(system: LabSystem, office: int) -> dict[str, Any] | None:
+    entry = system.office_status(office)
+    return entry if entry["nat_type"] != "unknown" else None
+
+
+def remote_offline(system: LabSystem, office: int) -> bool:
+    return not system.remote_status(office)["online"]
+
+
 def start_offices(system: LabSystem, count: int, *, phones: bool = True) -> None:
     system.start_main()
     for k in range(1, count + 1):
@@ -38,7 +49,7 @@ def start_offices(system: LabSystem, count: int, *, phones: bool = True) -> None
         system.join(k, token)
         system.start_remote(k)
     for k in range(1, count + 1):
-        wait_until(lambda k=k: office_online(system, k), 20, f"office{k} online")
+        wait_until(partial(office_online, system, k), 20, f"office{k} online")
 
 
 @pytest.fixture
@@ -57,11 +68,7 @@ def test_offices_behind_nat_log_in(
         for k in (1, 2):
             office = lab.office(k)
             # The main host sees the router's public address, never the LAN address.
-            entry = wait_until(
-                lambda k=k: (e := system.office_status(k))["nat_type"] != "unknown" and e,
-                20,
-                f"office{k} NAT type reported",
-            )
+            entry = wait_until(partial(nat_reported, system, k), 20, f"office{k} NAT reported")
             assert entry["public_address"] == office.public_address
             assert entry["online"] is True
             # Plain MASQUERADE: replies only from where we sent, port kept when free.
@@ -84,11 +91,7 @@ def test_symmetric_nat_is_reported(lab_factory: LabFactory, workdir: Path) -> No
     system = LabSystem(lab, workdir)
     try:
         start_offices(system, 1, phones=False)
-        entry = wait_until(
-            lambda: (e := system.office_status(1))["nat_type"] != "unknown" and e,
-            20,
-            "NAT type reported",
-        )
+        entry = wait_until(partial(nat_reported, system, 1), 20, "NAT type reported")
         assert entry["nat_type"] == "Symmetric NAT"
     finally:
         system.stop_all()
@@ -150,12 +153,12 @@ def test_main_host_killed_and_restarted(lab_factory: LabFactory, workdir: Path) 
         assert system.main is not None
         system.main.stop(signal.SIGKILL)
         for k in (1, 2):
-            wait_until(lambda k=k: not system.remote_status(k)["online"], NOTICE, "noticed")
+            wait_until(partial(remote_offline, system, k), NOTICE, f"office{k} noticed")
         restarted = time.monotonic()
         system.main.start()
         for k in (1, 2):
             left = NOTICE - (time.monotonic() - restarted)
-            wait_until(lambda k=k: office_online(system, k), max(left, 0.1), f"office{k} back")
+            wait_until(partial(office_online, system, k), max(left, 0.1), f"office{k} back")
     finally:
         system.stop_all()
         print(system.logs())

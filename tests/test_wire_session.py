@@ -1295,6 +1295,7 @@ def test_check_ca_refusal_sends_no_login() -> None:
     while (event := client.next_event()) is not None:
         events.append(event)
     assert [type(e).__name__ for e in events] == ["LoginRejected", "Closed"]
+    assert isinstance(events[0], LoginRejected)
     assert "pinned CA" in events[0].reason
     server.receive_data(client.data_to_send(), 0.0)
     server_events = []
