@@ -6,6 +6,7 @@ then the transport with real sockets: UDP, TCP, keepalives, malformed input, flo
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,6 +34,7 @@ from shared.aio.sip_transport import (
     top_via_untrusted,
 )
 from shared.sip.errors import SipParseError
+from shared.sip.framing import FramerEvent, KeepAlivePong, SipStreamFramer
 from shared.sip.headers import parse_via_untrusted
 from shared.sip.message import (
     SipMessage,
@@ -724,3 +728,316 @@ async def test_stopping_closes_the_port(nursery: trio.Nursery) -> None:
         await server.transport.send(b"x", Destination("udp", ("127.0.0.1", 9)))
     with pytest.raises(OSError):
         await trio.open_tcp_stream(*server.address)
+
+
+# ---------------------------------------------------------------------------------------------
+# TCP.
+
+
+class TcpPeer:
+    """A phone's side of a TCP connection: writes bytes, reads back whole messages and pongs."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.framer = SipStreamFramer(client=True)
+        self.local: tuple[str, int] = stream.socket.getsockname()
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def next_event(self, guard: float = GUARD) -> FramerEvent | None:
+        """The next message or pong; None when the server closed the connection."""
+        with trio.fail_after(guard):
+            while True:
+                event = self.framer.next_message()
+                if event is not None:
+                    return event
+                try:
+                    data = await self.stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    data = b""
+                if not data:
+                    return None
+                self.framer.receive_data(data)
+
+    async def next_response(self) -> SipResponse:
+        event = await self.next_event()
+        assert isinstance(event, bytes), event
+        message = parse_message_untrusted(event)
+        assert isinstance(message, SipResponse)
+        return message
+
+    async def wait_closed(self, guard: float = GUARD) -> None:
+        assert await self.next_event(guard) is None
+
+
+TcpConnect = Callable[[tuple[str, int]], Awaitable[TcpPeer]]
+
+
+@pytest.fixture
+async def tcp_connect() -> AsyncIterator[TcpConnect]:
+    """A factory of TCP connections to the server, all closed after the test."""
+    streams: list[trio.SocketStream] = []
+
+    async def connect(address: tuple[str, int]) -> TcpPeer:
+        stream = await trio.open_tcp_stream(*address)
+        streams.append(stream)
+        return TcpPeer(stream)
+
+    yield connect
+    for stream in streams:
+        await trio.aclose_forcefully(stream)
+
+
+def tcp_request(call_id: str = "tcp-1", **kwargs: Any) -> bytes:
+    via = "SIP/2.0/TCP phone.example.com;branch=z9hG4bK-" + call_id + ";rport"
+    return request_bytes(via=via, call_id=call_id, **kwargs)
+
+
+async def test_tcp_request_and_response_on_the_same_connection(
+    nursery: trio.Nursery, tcp_connect: TcpConnect
+) -> None:
+    server = await start(nursery)
+    peer = await tcp_connect(server.address)
+    await peer.send(tcp_request())
+    response = await peer.next_response()
+    assert (response.status, response.call_id) == (200, "tcp-1")
+    assert response.top_via.received == LOOPBACK
+    assert response.top_via.rport == peer.local[1]
+    [(message, source)] = server.recorder.seen
+    assert isinstance(message, SipRequest)
+    assert source.transport == "tcp"
+    assert source.remote == peer.local
+    assert source.local == server.address
+    assert source.connection is not None and source.connection.is_open
+    assert server.transport.connection_to(peer.local) is source.connection
+    stats = server.transport.statistics()
+    assert (stats.tcp_connections, stats.tcp_accepted, stats.received) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_tcp_request_split_across_many_writes(
+    nursery: trio.Nursery, tcp_connect: TcpConnect, seed: int
+) -> None:
+    server = await start(nursery)
+    peer = await tcp_connect(server.address)
+    peer.stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    data = tcp_request(body=b"v=0\r\n" * 20, extra="Content-Type: application/sdp\r\n")
+    rng = random.Random(seed)
+    i = 0
+    while i < len(data):
+        n = rng.randint(1, 7)
+        await peer.send(data[i : i + n])
+        i += n
+        await trio.lowlevel.checkpoint()
+    response = await peer.next_response()
+    assert response.status == 200
+    [(message, _)] = server.recorder.seen
+    assert message.body == b"v=0\r\n" * 20
+
+
+async def test_tcp_two_messages_in_one_write_are_both_handled_in_order(
+    nursery: trio.Nursery, tcp_connect: TcpConnect
+) -> None:
+    server = await start(nursery)
+    peer = await tcp_connect(server.address)
+    await peer.send(tcp_request("first") + tcp_request("second"))
+    first = await peer.next_response()
+    second = await peer.next_response()
+    assert (first.call_id, second.call_id) == ("first", "second")
+    assert [m.call_id for m, _ in server.recorder.seen] == ["first", "second"]
+
+
+async def test_tcp_crlf_ping_gets_one_crlf_pong(
+    nursery: trio.Nursery, tcp_connect: TcpConnect
+) -> None:
+    server = await start(nursery)
+    peer = await tcp_connect(server.address)
+    await peer.send(b"\r\n\r\n")
+    assert isinstance(await peer.next_event(), KeepAlivePong)
+    # A ping split across two segments is still one ping (RFC 5626 §4.4.1).
+    await peer.send(b"\r\n")
+    await trio.sleep(0.05)
+    await peer.send(b"\r\n")
+    assert isinstance(await peer.next_event(), KeepAlivePong)
+    # And the connection carries SIP afterwards; nothing else was sent meanwhile.
+    await peer.send(tcp_request())
+    assert (await peer.next_response()).status == 200
+    assert peer.framer.buffered == 0
+    await wait_until(lambda: server.transport.statistics().sent == 3)
+    assert server.transport.statistics().keepalives == 2
+
+
+async def test_tcp_malformed_request_gets_400_and_the_connection_stays(
+    nursery: trio.Nursery, tcp_connect: TcpConnect
+) -> None:
+    server = await start(nursery)
+    peer = await tcp_connect(server.address)
+    await peer.send(tcp_request("bad", cseq="1 REGISTER"))
+    response = await peer.next_response()
+    assert (response.status, response.call_id) == (400, "bad")
+    assert response.reason == "CSeq method does not match the request method"
+    await peer.send(tcp_request("good"))
+    assert (await peer.next_response()).call_id == "good"
+    stats = server.transport.statistics()
+    assert (stats.answered_malformed, stats.tcp_closed_junk, stats.tcp_connections) == (1, 0, 1)
+
+
+async def test_tcp_missing_content_length_is_answered_then_closed(
+    nursery: trio.Nursery, tcp_connect: TcpConnect
+) -> None:
+    # RFC 3261 §18.3: on a stream Content-Length is mandatory; the framing is lost after it.
+    server = await start(nursery)
+    peer = await tcp_connect(server.address)
+    await peer.send(tcp_request(content_length=False))
+    response = await peer.next_response()
+    assert response.status == 400
+    assert "Content-Length" in response.reason
+    await peer.wait_closed()
+    await wait_until(lambda: server.transport.statistics().tcp_connections == 0)
+    stats = server.transport.statistics()
+    assert (stats.tcp_closed_junk, stats.answered_malformed, stats.received) == (1, 1, 0)
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(64)) + b"\r\n\r\n",
+        b"hello\r\nContent-Length: 0\r\n\r\n",
+        response_bytes(via="garbage"),
+    ],
+)
+async def test_tcp_peer_sending_junk_is_disconnected(
+    nursery: trio.Nursery, tcp_connect: TcpConnect, junk: bytes
+) -> None:
+    server = await start(nursery)
+    peer = await tcp_connect(server.address)
+    await peer.send(junk)
+    await peer.wait_closed()  # no reply, just closed
+    await wait_until(lambda: server.transport.statistics().tcp_connections == 0)
+    stats = server.transport.statistics()
+    assert (stats.tcp_closed_junk, stats.dropped_malformed, stats.received) == (1, 1, 0)
+    # Others are still served.
+    other = await tcp_connect(server.address)
+    await other.send(tcp_request())
+    assert (await other.next_response()).status == 200
+
+
+async def test_tcp_oversized_message_disconnects(
+    nursery: trio.Nursery, tcp_connect: TcpConnect
+) -> None:
+    server = await start(nursery)
+    peer = await tcp_connect(server.address)
+    with trio.move_on_after(GUARD):
+        try:
+            await peer.send(b"OPTIONS sip:x SIP/2.0\r\nX: " + b"a" * 70000)
+        except trio.BrokenResourceError:
+            pass  # closed while we were still writing: also fine
+    await peer.wait_closed()
+    assert server.transport.statistics().tcp_closed_junk == 1
+
+
+async def test_tcp_idle_connection_is_closed(
+    nursery: trio.Nursery, tcp_connect: TcpConnect, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start(nursery, tcp_idle_timeout=60.0)
+    peer = await tcp_connect(server.address)
+    start_time = trio.current_time()
+    await peer.wait_closed(guard=1000.0)  # virtual seconds
+    assert trio.current_time() - start_time >= 60.0
+    assert server.transport.statistics().tcp_closed_idle == 1
+
+
+async def test_tcp_pings_keep_a_connection_open(
+    nursery: trio.Nursery, tcp_connect: TcpConnect, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start(nursery, tcp_idle_timeout=60.0)
+    peer = await tcp_connect(server.address)
+    for _ in range(6):  # three idle timeouts in all
+        await trio.sleep(30.0)
+        await peer.send(b"\r\n\r\n")
+        assert isinstance(await peer.next_event(), KeepAlivePong)
+    stats = server.transport.statistics()
+    assert (stats.tcp_closed_idle, stats.tcp_connections, stats.keepalives) == (0, 1, 6)
+
+
+async def test_tcp_trickled_message_is_cut_off(
+    nursery: trio.Nursery, tcp_connect: TcpConnect, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start(nursery, tcp_idle_timeout=300.0, tcp_message_timeout=20.0)
+    peer = await tcp_connect(server.address)
+    data = tcp_request()
+    start_time = trio.current_time()
+    with trio.fail_after(1000):
+        for i in range(len(data)):  # one octet every 5 s: never idle, never done
+            try:
+                await peer.send(data[i : i + 1])
+            except trio.BrokenResourceError:
+                break
+            with trio.move_on_after(5.0):
+                if await peer.next_event() is None:
+                    break
+    assert trio.current_time() - start_time < 300.0  # cut by the message timeout, not idleness
+    await wait_until(lambda: server.transport.statistics().tcp_connections == 0)
+    assert server.transport.statistics().tcp_closed_idle == 1
+    assert server.recorder.seen == []
+
+
+async def test_tcp_connection_limit(nursery: trio.Nursery, tcp_connect: TcpConnect) -> None:
+    server = await start(nursery, max_tcp_connections=1)
+    first = await tcp_connect(server.address)
+    await first.send(tcp_request("first"))
+    assert (await first.next_response()).status == 200
+    second = await tcp_connect(server.address)
+    await second.wait_closed()
+    assert server.transport.statistics().tcp_refused == 1
+    await first.stream.aclose()
+    await wait_until(lambda: server.transport.statistics().tcp_connections == 0)
+    third = await tcp_connect(server.address)
+    await third.send(tcp_request("third"))
+    assert (await third.next_response()).status == 200
+
+
+async def test_tcp_response_after_the_connection_closed_is_our_error(
+    nursery: trio.Nursery, tcp_connect: TcpConnect
+) -> None:
+    server = await start(nursery, answer=False)
+    peer = await tcp_connect(server.address)
+    await peer.send(tcp_request())
+    [(message, source)] = await server.recorder.wait_for(1)
+    assert isinstance(message, SipRequest)
+    await peer.stream.aclose()
+    await wait_until(lambda: server.transport.statistics().tcp_connections == 0)
+    assert source.connection is not None and not source.connection.is_open
+    with pytest.raises(SipTransportError, match="no open TCP connection"):
+        await source.reply(make_response(message, 200))
+    assert server.transport.statistics().send_errors == 1
+
+
+async def test_tcp_send_by_address_finds_the_open_connection(
+    nursery: trio.Nursery, tcp_connect: TcpConnect
+) -> None:
+    server = await start(nursery)
+    peer = await tcp_connect(server.address)
+    await peer.send(b"\r\n\r\n")  # make sure the server has taken the connection in
+    assert isinstance(await peer.next_event(), KeepAlivePong)
+    data = request_bytes(method="NOTIFY", via="SIP/2.0/TCP 127.0.0.1;branch=z9hG4bK-n")
+    await server.transport.send(data, Destination("tcp", peer.local))
+    event = await peer.next_event()
+    assert event == data
+
+
+async def test_tcp_peer_that_does_not_read_is_dropped(
+    nursery: trio.Nursery, tcp_connect: TcpConnect, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start(nursery, send_timeout=5.0, answer=False)
+    peer = await tcp_connect(server.address)
+    await peer.send(tcp_request())
+    [(_, source)] = await server.recorder.wait_for(1)
+    chunk = b"x" * 65536
+    with trio.fail_after(1000), pytest.raises(SipTransportError, match="timed out"):
+        while True:  # the peer never reads: the buffers fill, then the send times out
+            await server.transport.send(chunk, source.destination)
+    assert source.connection is not None and not source.connection.is_open
+    await wait_until(lambda: server.transport.statistics().tcp_connections == 0)
