@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.sip.errors import SipParseError
-from shared.sip.headers import CSeq
+from shared.sip.headers import Address, CSeq
 from shared.sip.message import (
     REASON_PHRASES,
     Headers,
@@ -851,3 +851,57 @@ def test_accessor_lists_are_the_callers_to_change():
     assert len(msg.record_routes) == 2
     assert len(msg.routes) == 1
     assert msg.option_tags("Require") == ["100rel"]
+
+
+DISPLAY = st.none() | st.text(max_size=12).filter(lambda s: "\r" not in s and "\n" not in s)
+
+
+@st.composite
+def addresses(draw: st.DrawFn, header: str) -> Address:
+    uri = SipUri(
+        host=draw(st.sampled_from(["example.com", "192.0.2.7", "[2001:db8::7]"])),
+        user=draw(st.none() | st.text(min_size=1, max_size=8)),
+        port=draw(st.none() | st.integers(1, 65535)),
+        params=draw(st.sampled_from([{}, {"lr": None}, {"transport": "tcp"}, {"ob": None}])),
+    )
+    params: dict[str, str | None] = {}
+    if header == "Contact":
+        if draw(st.booleans()):
+            params["expires"] = str(draw(st.integers(0, 2**32 - 1)))
+        if draw(st.booleans()):
+            params["q"] = draw(st.sampled_from(["0", "0.5", "1", "1.000", "0.001"]))
+        if draw(st.booleans()):
+            params["+sip.instance"] = '"<urn:uuid:00000000-0000-0000-0000-000000000000>"'
+    return Address(uri, draw(DISPLAY), params)
+
+
+@st.composite
+def rich_requests(draw: st.DrawFn) -> tuple[SipRequest, Address, list[Address], list[Address]]:
+    msg = draw(requests())
+    sender = draw(addresses("From")).with_tag(draw(TOKEN))
+    msg.headers.set("From", str(sender))
+    contacts = draw(st.lists(addresses("Contact"), max_size=3))
+    if contacts:
+        # One header line with commas or one line each: the same list (RFC 3261 §7.3.1).
+        if draw(st.booleans()):
+            msg.headers.add("Contact", ", ".join(str(c) for c in contacts))
+        else:
+            for contact in contacts:
+                msg.headers.add("Contact", str(contact))
+    routes = draw(st.lists(addresses("Route"), max_size=2))
+    for route in routes:
+        msg.headers.add("Route", str(route))
+    return msg, sender, contacts, routes
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rich_requests())
+def test_addresses_survive_a_trip_through_a_message(case):
+    msg, sender, contacts, routes = case
+    again = request(msg.encode())
+    validate_request_untrusted(again)
+    assert again.from_ == sender
+    assert again.from_tag == sender.tag
+    assert again.contacts == contacts
+    assert [c.expires for c in again.contacts] == [c.expires for c in contacts]
+    assert again.routes == routes
