@@ -905,3 +905,10 @@ def test_addresses_survive_a_trip_through_a_message(case):
     assert again.contacts == contacts
     assert [c.expires for c in again.contacts] == [c.expires for c in contacts]
     assert again.routes == routes
+
+
+def test_line_breaks_cannot_be_smuggled_into_the_start_line():
+    with pytest.raises(ValueError, match="CR/LF"):
+        SipResponse(200, "OK\r\nVia: evil").encode()
+    with pytest.raises(ValueError, match="CR/LF"):
+        SipRequest("OPTIONS", "sip:a@b\r\nX: y").encode()

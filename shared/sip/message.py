@@ -595,6 +595,9 @@ def _copy_raw(original: SipMessage, twin: SipMessage) -> None:
 
 
 def _encode(start_line: str, headers: Headers, body: bytes) -> bytes:
+    if "\r" in start_line or "\n" in start_line:
+        # A local programming error (a reason phrase or URI with a line break), not a remote one.
+        raise ValueError(f"CR/LF in SIP start line {start_line!r}")
     lines = [start_line]
     length_written = False
     for (name, value), key in zip(headers._items, headers._keys, strict=True):
