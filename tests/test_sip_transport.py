@@ -6,11 +6,14 @@ then the transport with real sockets: UDP, TCP, keepalives, malformed input, flo
 
 from __future__ import annotations
 
+import contextlib
 import random
+import shutil
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -1041,3 +1044,96 @@ async def test_tcp_peer_that_does_not_read_is_dropped(
             await server.transport.send(chunk, source.destination)
     assert source.connection is not None and not source.connection.is_open
     await wait_until(lambda: server.transport.statistics().tcp_connections == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# A real peer: SIPp sends an OPTIONS and expects our handler's 200.
+
+SIPP = shutil.which("sipp")
+
+SIPP_OPTIONS_SCENARIO = """<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="OPTIONS answered 200">
+  <send retrans="500">
+    <![CDATA[
+
+      OPTIONS sip:[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch];rport
+      From: sipp <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[remote_ip]:[remote_port]>
+      Call-ID: [call_id]
+      CSeq: 1 OPTIONS
+      Contact: <sip:sipp@[local_ip]:[local_port]>
+      Max-Forwards: 70
+      Content-Length: [len]
+
+    ]]>
+  </send>
+  <recv response="200" />
+</scenario>
+"""
+
+
+def free_ports(count: int, *, step: int = 1) -> list[int]:
+    """Ports free for both UDP and TCP on loopback, found by binding port 0 (SIPp would
+    otherwise take its fixed defaults 5060, 6000, 6002 and 8888). `step` 2 asks for P and
+    P+2 both free, for SIPp's media ports."""
+    found: list[int] = []
+    with contextlib.ExitStack() as stack:
+        while len(found) < count:
+            probe = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            probe.bind((LOOPBACK, 0))
+            port = probe.getsockname()[1]
+            wanted = [port] if step == 1 else [port, port + 2]
+            try:
+                for extra in wanted:
+                    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                        if (extra, kind) == (port, socket.SOCK_DGRAM):
+                            continue
+                        holder = stack.enter_context(socket.socket(socket.AF_INET, kind))
+                        holder.bind((LOOPBACK, extra))
+            except OSError:
+                continue
+            found.append(port)
+    return found
+
+
+@pytest.mark.peer
+@pytest.mark.skipif(SIPP is None, reason="sipp (Debian sip-tester) is not installed")
+@pytest.mark.parametrize("mode", ["u1", "t1"])
+async def test_sipp_options_is_answered_200(
+    nursery: trio.Nursery, tmp_path: Path, mode: str
+) -> None:
+    assert SIPP is not None
+    server = await start(nursery)
+    scenario = tmp_path / "options.xml"
+    scenario.write_text(SIPP_OPTIONS_SCENARIO)
+    local_port, control_port = free_ports(2)
+    [media_port] = free_ports(1, step=2)
+    command = [
+        SIPP,
+        f"{LOOPBACK}:{server.address[1]}",
+        "-sf", str(scenario),
+        "-m", "1",
+        "-t", mode,
+        "-i", LOOPBACK,
+        "-p", str(local_port),
+        "-mp", str(media_port),
+        "-cp", str(control_port),
+        "-timeout", "10s",
+        "-timeout_error",
+        "-nostdin",
+    ]  # fmt: skip
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            command, check=False, capture_stdout=True, capture_stderr=True, cwd=tmp_path
+        )
+    output = (result.stdout + result.stderr).decode(errors="replace")
+    assert result.returncode == 0, output
+    [(message, source)] = server.recorder.seen
+    assert isinstance(message, SipRequest) and message.method == "OPTIONS"
+    assert source.transport == ("udp" if mode == "u1" else "tcp")
+    assert message.top_via.rport == source.remote[1]
+    if mode == "u1":
+        assert source.remote == (LOOPBACK, local_port)
+    stats = server.transport.statistics()
+    assert (stats.received, stats.sent, stats.dropped_malformed) == (1, 1, 0)
