@@ -139,7 +139,8 @@ class TrunkServer:
                     if isinstance(event, LoginAttempt):
                         await self._verify(conn, event, peer_ip, peer_port)
                     elif isinstance(event, LoggedIn):
-                        live = await self._attach(conn, event, scope)
+                        live = self._attach(conn, event, scope)
+                        await self._welcome(live, event)
                     elif isinstance(event, Received) and live is not None:
                         await self._on_message(live, event.message)
                     elif isinstance(event, Ignored):
@@ -212,9 +213,11 @@ class TrunkServer:
                 failures,
             )
 
-    async def _attach(
+    def _attach(
         self, conn: TrunkConnection, event: LoggedIn, scope: trio.CancelScope
     ) -> OfficeLive:
+        """Make the session the office's live one (synchronous, so the caller holds `live`
+        before any checkpoint: a newer login may cancel us during `_welcome`)."""
         self.stats.logins += 1
         self.throttle.success(event.public_ip)
         old = self.online.get(event.office)
@@ -236,8 +239,12 @@ class TrunkServer:
             cancel=scope,
         )
         self.online[event.office] = live
+        return live
+
+    async def _welcome(self, live: OfficeLive, event: LoggedIn) -> None:
+        """Record the login and bring the office's mirror up to date."""
         previous = await trio.to_thread.run_sync(
-            self.store.record_login, event.office, event.public_ip, event.public_port, now
+            self.store.record_login, event.office, event.public_ip, event.public_port, live.since
         )
         if previous:
             log.warning(
@@ -254,7 +261,6 @@ class TrunkServer:
             event.session,
         )
         await self._sync_directory(live, event.directory_version)
-        return live
 
     async def _detach(self, live: OfficeLive, reason: str) -> None:
         if self.online.get(live.name) is live:
