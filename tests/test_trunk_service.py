@@ -679,3 +679,35 @@ async def test_a_connection_gone_before_it_is_served_is_closed(main):
     await main.host.trunk.handle_connection(GoneStream())
     assert closed == [True]
     assert main.host.trunk.online == {}
+
+
+async def test_a_login_replaced_while_it_is_still_being_welcomed_gets_replaced(main, monkeypatch):
+    # The first session's login record is still being written when the second login comes:
+    # the first must still be told REPLACED (not a plain shutdown) and leave the office online.
+    import threading
+
+    gate = threading.Event()
+    calls: list[str] = []
+    real_record_login = main.host.store.record_login
+
+    def slow_first_record_login(*args: Any) -> Any:
+        calls.append("record_login")
+        if len(calls) == 1:
+            gate.wait(GUARD)
+        return real_record_login(*args)
+
+    monkeypatch.setattr(main.host.store, "record_login", slow_first_record_login)
+    first, verdict = await login(main.port, "lyon", main.secret, version=2)
+    assert isinstance(verdict, LoggedIn)
+    await wait_until(lambda: len(calls) == 1)  # the first is inside its welcome now
+    second, verdict = await login(main.port, "lyon", main.secret, version=2)
+    assert isinstance(verdict, LoggedIn)
+    gate.set()
+    with trio.fail_after(GUARD):
+        while not isinstance(event := await first.next_event(), Closed):
+            pass
+    assert event.code == ErrorCode.REPLACED
+    await wait_until(lambda: len(calls) == 2)
+    assert main.office()["online"] is True
+    await first.aclose()
+    await second.aclose()
