@@ -391,3 +391,100 @@ class RegistrationUpdate(Message):
     complete: bool
     extensions: list[str] = field(default_factory=list)
     bindings: list[RegistrationInfo] = field(default_factory=list)
+
+
+# --- Calls (type codes 200-299) ----------------------------------------------------------------
+# Each call travels on its own channel, so many calls share the trunk without reading each
+# other's bodies: the remote host numbers the calls it starts with odd channels, the main host
+# with even ones. `call_id` is the call's stable id across every hop and in the call records.
+
+
+@message(200)
+@dataclass(frozen=True, slots=True)
+class CallSetup(Message):
+    """A new call to `callee` (a dialled number); `codecs` like "PCMU/8000", best first."""
+
+    call_id: str
+    caller: str
+    callee: str
+    codecs: list[str] = field(default_factory=list)
+    caller_name: str = ""
+    origin_office: str = ""
+
+
+@message(201)
+@dataclass(frozen=True, slots=True)
+class CallProgress(Message):
+    """Ringing (180) or early media (183) from the far end."""
+
+    call_id: str
+    status: int
+    reason: str = ""
+
+
+@message(202)
+@dataclass(frozen=True, slots=True)
+class CallAnswer(Message):
+    """The far end answered, with the codec chosen from the offer."""
+
+    call_id: str
+    codec: str
+    ptime: int = 20
+
+
+@message(203)
+@dataclass(frozen=True, slots=True)
+class CallEnd(Message):
+    """Either side: the call is over. `status` 0 is a normal hangup; otherwise the SIP status
+    of the failure (486, 480, 404, 487 for a cancel, 503 ...) and a reason a person can read."""
+
+    call_id: str
+    status: int = 0
+    reason: str = ""
+
+
+@message(204)
+@dataclass(frozen=True, slots=True)
+class CallHold(Message):
+    call_id: str
+    on_hold: bool
+
+
+@message(205)
+@dataclass(frozen=True, slots=True)
+class CallInfo(Message):
+    """An in-dialog request body passed through (SIP INFO and the like)."""
+
+    call_id: str
+    method: str
+    content_type: str = ""
+    body: bytes = b""
+
+
+@message(206)
+@dataclass(frozen=True, slots=True)
+class MediaLeg(Message):
+    """Main host -> remote host: send this call's WAN media to the relay, tagged with `leg`."""
+
+    call_id: str
+    leg: int
+    relay_port: int
+    relay_host: str = ""
+
+
+@message(210)
+@dataclass(frozen=True, slots=True)
+class GrantRequest(Message):
+    """Remote host -> main host: may `caller` call `callee` inside the office?"""
+
+    call_id: str
+    caller: str
+    callee: str
+
+
+@message(211)
+@dataclass(frozen=True, slots=True)
+class GrantReply(Message):
+    call_id: str
+    granted: bool
+    reason: str = ""

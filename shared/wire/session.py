@@ -150,6 +150,17 @@ class Closed:
 Event = LoginAttempt | LoggedIn | LoginRejected | Received | Ignored | Closed
 
 
+def media_key(secret: bytes, office: str, nonce: bytes, client_nonce: bytes) -> bytes:
+    """The 32-byte key for this login's WAN media (AES-256-GCM), known to both ends only.
+
+    Derived like the proofs (HMAC-SHA256 with its own label), from both fresh nonces, so every
+    login has its own key and a recorded session's key is useless for the next one.
+    """
+    return hmac.digest(
+        secret, b"bpx-media-v1|" + office.encode() + b"|" + nonce + client_nonce, "sha256"
+    )
+
+
 def login_proof(secret: bytes, office: str, nonce: bytes, client_nonce: bytes) -> bytes:
     return hmac.digest(
         secret, b"bpx-login-v1|" + office.encode() + b"|" + nonce + client_nonce, "sha256"
@@ -173,6 +184,7 @@ class TrunkSession:
         self.heartbeat_interval = 1.0
         self.dead_after = 4.0
         self.peer_software = ""
+        self.media_key = b""  # set at login: see media_key()
         self._decoder = FrameDecoder(max_body)
         self._events: deque[Event] = deque()
         self._out = bytearray()
@@ -317,6 +329,8 @@ class TrunkSession:
             self._finish(ErrorCode.AUTH_FAILED, "login refused", by_peer=False)
             return False
         self.office = attempt.office
+        self._secret = secret
+        self._client_nonce = attempt.client_nonce
         proof = server_proof(secret, attempt.office, self._nonce, attempt.client_nonce)
         self._queue(
             LoginOk(
@@ -381,6 +395,7 @@ class TrunkSession:
         self._events.append(Closed(code, reason, by_peer))
 
     def _established(self, now: float) -> None:
+        self.media_key = media_key(self._secret, self.office, self._nonce, self._client_nonce)
         self.state = State.ESTABLISHED
         self._handshake_deadline = None
         # The peer cannot speak while it waits for our verdict (the server may be slow to look
