@@ -7,6 +7,7 @@ then the transport with real sockets: UDP, TCP, keepalives, malformed input, flo
 from __future__ import annotations
 
 import contextlib
+import errno
 import random
 import shutil
 import socket
@@ -30,10 +31,12 @@ from shared.aio.sip_transport import (
     SipTransportError,
     SipTransportOptions,
     Source,
+    is_stun,
     read_message_untrusted,
     response_destination,
     serve_sip_transports,
     stamp_top_via_untrusted,
+    stun_reply_untrusted,
     top_via_untrusted,
 )
 from shared.sip.errors import SipParseError
@@ -47,6 +50,15 @@ from shared.sip.message import (
     make_response,
     parse_message_untrusted,
 )
+from shared.stun.message import (
+    BINDING,
+    MAGIC_COOKIE,
+    StunClass,
+    StunMessage,
+    TransportAddress,
+    XorMappedAddress,
+)
+from shared.stun.message import parse_message_untrusted as parse_stun_untrusted
 
 LOOPBACK = "127.0.0.1"
 GUARD = 10  # seconds; a hang guard, never a timing assertion
@@ -1044,6 +1056,8 @@ async def test_tcp_peer_that_does_not_read_is_dropped(
             await server.transport.send(chunk, source.destination)
     assert source.connection is not None and not source.connection.is_open
     await wait_until(lambda: server.transport.statistics().tcp_connections == 0)
+    stats = server.transport.statistics()
+    assert (stats.tcp_closed_send_failed, stats.send_errors) == (1, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1137,3 +1151,163 @@ async def test_sipp_options_is_answered_200(
         assert source.remote == (LOOPBACK, local_port)
     stats = server.transport.statistics()
     assert (stats.received, stats.sent, stats.dropped_malformed) == (1, 1, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# STUN keepalives on the SIP port (RFC 5626 §4.4.2, §8.4).
+
+TRANSACTION = bytes(range(12))
+
+
+def binding_request(*, fingerprint: bool = False, transaction: bytes = TRANSACTION) -> bytes:
+    return StunMessage(BINDING, StunClass.REQUEST, transaction, (), fingerprint).encode()
+
+
+def test_stun_is_told_apart_from_sip() -> None:
+    assert is_stun(binding_request())
+    assert not is_stun(request_bytes())
+    assert not is_stun(b"\r\n\r\n")
+    assert not is_stun(b"\x00" * 40)  # NUL keepalive: no magic cookie
+    assert not is_stun(binding_request()[:19])
+
+
+@pytest.mark.parametrize("fingerprint", [False, True])
+def test_stun_binding_request_gets_the_source_as_xor_mapped_address(fingerprint: bool) -> None:
+    reply = stun_reply_untrusted(binding_request(fingerprint=fingerprint), ("192.0.2.9", 4242))
+    assert reply is not None
+    message = parse_stun_untrusted(reply)
+    assert (message.method, message.cls) == (BINDING, StunClass.SUCCESS)
+    assert message.transaction_id == TRANSACTION
+    assert message.fingerprint is fingerprint
+    mapped = message.get(XorMappedAddress)
+    assert mapped is not None
+    assert mapped.address == TransportAddress("192.0.2.9", 4242)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        StunMessage(BINDING, StunClass.INDICATION, TRANSACTION).encode(),  # keepalive, no answer
+        StunMessage(BINDING, StunClass.SUCCESS, TRANSACTION).encode(),  # a stray response
+        StunMessage(0x003, StunClass.REQUEST, TRANSACTION).encode(),  # not Binding
+        StunMessage(BINDING, StunClass.REQUEST, bytes(range(1, 17))).encode(),  # RFC 3489
+        binding_request()[:2] + b"\x00\x04" + binding_request()[4:],  # length says 4, has 0
+        binding_request() + b"junk",
+    ],
+)
+def test_stun_other_datagrams_get_no_answer(data: bytes) -> None:
+    assert stun_reply_untrusted(data, ("192.0.2.9", 4242)) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=80))
+def test_fuzz_stun_reply_never_raises(tail: bytes) -> None:
+    data = binding_request()[:4] + MAGIC_COOKIE.to_bytes(4, "big") + tail
+    reply = stun_reply_untrusted(data, ("192.0.2.9", 4242))
+    if reply is not None:
+        assert parse_stun_untrusted(reply).cls is StunClass.SUCCESS
+
+
+async def test_udp_stun_keepalive_is_answered_from_the_sip_port(
+    nursery: trio.Nursery, udp_client: UdpClient
+) -> None:
+    server = await start(nursery)
+    client = await udp_client()
+    await client.sendto(binding_request(fingerprint=True), server.address)
+    data, sender = await receive_datagram(client)
+    assert sender == server.address
+    mapped = parse_stun_untrusted(data).get(XorMappedAddress)
+    assert mapped is not None
+    assert mapped.address == TransportAddress(*client.getsockname())
+    # A STUN indication (no answer wanted) and the SIP traffic after it.
+    await client.sendto(
+        StunMessage(BINDING, StunClass.INDICATION, TRANSACTION).encode(), server.address
+    )
+    await client.sendto(request_bytes(), server.address)
+    data, _ = await receive_datagram(client)
+    assert data.startswith(b"SIP/2.0 200")
+    stats = server.transport.statistics()
+    assert (stats.keepalives, stats.dropped_malformed, stats.received) == (1, 1, 1)
+    assert server.recorder.seen[0][0].method == "OPTIONS"  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------------------------------
+# Binding: port 0 retries, IPv6.
+
+
+async def test_port_zero_retries_when_the_tcp_twin_is_taken(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, udp_client: UdpClient
+) -> None:
+    real_socket = trio.socket.socket
+    refused: list[int] = []
+
+    def socket_factory(family: int, kind: int, *args: Any) -> trio.socket.SocketType:
+        sock = real_socket(family, kind, *args)
+        if kind == socket.SOCK_STREAM and len(refused) < 2:
+
+            async def taken(address: tuple[str, int]) -> None:
+                refused.append(address[1])
+                raise OSError(errno.EADDRINUSE, "Address already in use")
+
+            sock.bind = taken  # type: ignore[method-assign]
+        return sock
+
+    monkeypatch.setattr(trio.socket, "socket", socket_factory)
+    server = await start(nursery)
+    monkeypatch.undo()
+    assert len(refused) == 2
+    assert server.address[1] not in refused  # a third port, free for both
+    stream = await trio.open_tcp_stream(*server.address)
+    await stream.aclose()
+    client = await udp_client()
+    await client.sendto(request_bytes(), server.address)
+    data, _ = await receive_datagram(client)
+    assert data.startswith(b"SIP/2.0 200")
+
+
+async def test_port_zero_gives_up_after_the_configured_attempts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_socket = trio.socket.socket
+    opened: list[trio.socket.SocketType] = []
+
+    def socket_factory(family: int, kind: int, *args: Any) -> trio.socket.SocketType:
+        sock = real_socket(family, kind, *args)
+        opened.append(sock)
+        if kind == socket.SOCK_STREAM:
+
+            async def taken(address: tuple[str, int]) -> None:
+                raise OSError(errno.EADDRINUSE, "Address already in use")
+
+            sock.bind = taken  # type: ignore[method-assign]
+        return sock
+
+    monkeypatch.setattr(trio.socket, "socket", socket_factory)
+    options = SipTransportOptions(bind_attempts=3)
+    with pytest.raises(OSError) as caught:
+        await serve_sip_transports(LOOPBACK, 0, Recorder(), options=options)
+    assert caught.value.errno == errno.EADDRINUSE
+    assert len(opened) == 6  # three UDP + TCP pairs
+    assert all(sock.fileno() == -1 for sock in opened)  # none leaked
+
+
+async def test_ipv6_loopback_udp_and_tcp(nursery: trio.Nursery, tcp_connect: TcpConnect) -> None:
+    recorder = Recorder()
+    serve = partial(serve_sip_transports, "::1", 0, recorder)
+    address, _ = await nursery.start(serve)
+    assert address[0] == "::1"
+    with trio.socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as client:
+        await client.bind(("::1", 0))
+        await client.sendto(request_bytes(via="SIP/2.0/UDP [::1]:5070;rport"), address)
+        with trio.fail_after(GUARD):
+            data, _ = await client.recvfrom(65536)
+        response = parse_message_untrusted(data)
+        assert isinstance(response, SipResponse) and response.status == 200
+        assert response.top_via.rport == client.getsockname()[1]
+        assert response.top_via.received == "::1"
+    peer = await tcp_connect(address)
+    await peer.send(tcp_request())
+    assert (await peer.next_response()).status == 200
+    sources = [source for _, source in recorder.seen]
+    assert [s.transport for s in sources] == ["udp", "tcp"]
+    assert all(s.remote[0] == "::1" for s in sources)

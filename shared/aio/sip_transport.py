@@ -19,6 +19,9 @@ Choices worth knowing:
 - UDP keepalives (a datagram of only CRLFs or NULs, as many phones send; RFC 5626 §4.4.2 would
   use STUN over UDP) are counted and not answered: the phone sent them to keep its NAT binding
   open, which receiving them already did, and some phones log an unexpected CRLF as garbage.
+- STUN Binding requests on the UDP port (RFC 5626 §4.4.2 / §8: how outbound-capable phones
+  keep a UDP flow alive, told apart from SIP by their first two bits and the magic cookie) are
+  answered with XOR-MAPPED-ADDRESS; other STUN datagrams are dropped.
 - The UDP receive loop never waits for the handler (STYLE.md, trio `_dtls.py`): when the queue
   is full the datagram is dropped and counted, as the network could have dropped it; the
   client's retransmission (RFC 3261 §17.1.1.2) recovers. TCP readers do wait: TCP has its own
@@ -61,6 +64,16 @@ from shared.sip.message import (
     validate_request_untrusted,
     validate_response_untrusted,
 )
+from shared.stun.message import (
+    BINDING,
+    MAGIC_COOKIE,
+    StunClass,
+    StunMessage,
+    StunParseError,
+    TransportAddress,
+    XorMappedAddress,
+)
+from shared.stun.message import parse_message_untrusted as parse_stun_untrusted
 
 Address = tuple[str, int]
 TransportName = Literal["udp", "tcp"]
@@ -127,7 +140,7 @@ class SipTransportStatistics:
     answered_malformed: int = 0
     """Malformed requests answered with an error status by the transport."""
     keepalives: int = 0
-    """UDP keepalive datagrams and TCP CRLF pings received."""
+    """UDP keepalive datagrams, STUN Binding requests and TCP CRLF pings received."""
     sent: int = 0
     """Messages and pongs sent."""
     send_errors: int = 0
@@ -144,6 +157,8 @@ class SipTransportStatistics:
     """TCP connections closed for idleness or for trickling a message too slowly."""
     tcp_closed_junk: int = 0
     """TCP connections closed because the peer sent something that is not SIP."""
+    tcp_closed_send_failed: int = 0
+    """TCP connections closed because a send to the peer failed or timed out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +313,35 @@ def _error_reply(
     return error_response(exc, to_tag=generate_tag())
 
 
+def is_stun(data: bytes) -> bool:
+    """RFC 5626 §8.4 / RFC 7983: a STUN message starts with two zero bits and carries the
+    magic cookie at octet 4; a SIP message starts with a letter (or CRLF)."""
+    return len(data) >= 20 and data[0] < 4 and data[4:8] == MAGIC_COOKIE.to_bytes(4, "big")
+
+
+def stun_reply_untrusted(data: bytes, remote: Address) -> bytes | None:
+    """The answer to a STUN keepalive on the SIP port, or None to drop the datagram.
+
+    RFC 5626 §4.4.2 / §8.4: a Binding request is answered with a success response carrying
+    the source as XOR-MAPPED-ADDRESS (RFC 5389 §7.3.1), with FINGERPRINT when the request had
+    one. No authentication: the flow keepalive needs none. Indications, responses, other
+    methods and classic RFC 3489 requests get nothing. Never raises.
+    """
+    try:
+        request = parse_stun_untrusted(data)
+        if request.cls is not StunClass.REQUEST or request.method != BINDING:
+            return None
+        if request.is_rfc3489:
+            return None
+        mapped = XorMappedAddress(TransportAddress(remote[0], remote[1]))
+    except (StunParseError, ValueError):
+        return None
+    reply = StunMessage(
+        BINDING, StunClass.SUCCESS, request.transaction_id, (mapped,), request.fingerprint
+    )
+    return reply.encode()
+
+
 def response_destination(via: Via, source: Source) -> Destination:
     """Where a response whose top Via is `via` goes, for a request that came from `source`.
 
@@ -442,7 +486,13 @@ class SipTransport:
                     raise SipTransportError(
                         f"no open TCP connection to {_show(destination.address)}"
                     )
-                await connection.send(data)
+                was_open = connection.is_open
+                try:
+                    await connection.send(data)
+                except SipTransportError:
+                    if was_open and not connection.is_open:
+                        self._stats.tcp_closed_send_failed += 1
+                    raise
         except SipTransportError:
             self._stats.send_errors += 1
             raise
@@ -490,6 +540,9 @@ class SipTransport:
             if is_datagram_keepalive(data):
                 stats.keepalives += 1
                 continue
+            if is_stun(data):
+                await self._answer_stun(data, remote)
+                continue
             source = Source("udp", remote, local, None, self)
             inbound = read_message_untrusted(
                 data, remote, limits=self._limits, options=self._options
@@ -504,6 +557,17 @@ class SipTransport:
                 stats.dropped_full += 1
             else:
                 stats.received += 1
+
+    async def _answer_stun(self, data: bytes, remote: Address) -> None:
+        reply = stun_reply_untrusted(data, remote)
+        if reply is None:
+            self._stats.dropped_malformed += 1
+            return
+        self._stats.keepalives += 1
+        try:
+            await self.send(reply, Destination("udp", remote))
+        except SipTransportError as exc:
+            self._log.debug("could not answer a STUN keepalive: %s", exc)
 
     async def _refuse(self, inbound: Inbound, source: Source) -> bool:
         """Answer a malformed request if it can be; return whether it was answered."""
@@ -571,7 +635,6 @@ class SipTransport:
             connection.last_activity = trio.current_time()
             framer.receive_data(data)
             if not await self._drain_framer(framer, source):
-                stats.tcp_closed_junk += 1
                 return
             if not data:
                 return  # the peer closed its side
@@ -583,7 +646,8 @@ class SipTransport:
                 message_started = None
 
     async def _drain_framer(self, framer: SipStreamFramer, source: Source) -> bool:
-        """Handle every complete message and keepalive; False when the connection must close."""
+        """Handle every complete message and keepalive; False (counted) when the connection
+        must close."""
         stats = self._stats
         connection = source.connection
         assert connection is not None
@@ -594,6 +658,7 @@ class SipTransport:
                 # RFC 3261 §18.3: the stream cannot be resynchronised; answer if we can, close.
                 reply = _error_reply(exc, source.remote, self._options)
                 await self._refuse(Inbound(reply=reply, error=exc), source)
+                stats.tcp_closed_junk += 1
                 return False
             if event is None:
                 return True
@@ -603,7 +668,7 @@ class SipTransport:
                 try:
                     await self.send(KEEPALIVE_PONG, source.destination)
                 except SipTransportError:
-                    return False
+                    return False  # counted by send()
                 continue
             if isinstance(event, KeepAlivePong):
                 continue
@@ -614,6 +679,7 @@ class SipTransport:
                 # Framed, so still in sync: answer and go on; if it cannot even be answered
                 # it is not SIP, and the peer is disconnected.
                 if not await self._refuse(inbound, source):
+                    stats.tcp_closed_junk += 1
                     return False
                 continue
             # TCP waits for room in the queue (module docstring).
