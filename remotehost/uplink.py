@@ -10,13 +10,14 @@ while the TCP connection still looks alive, and forces a new login from the new 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import secrets
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -30,7 +31,10 @@ from shared.wire.messages import (
     DirectoryAck,
     DirectoryDelta,
     DirectorySnapshot,
+    GrantReply,
+    GrantRequest,
     LanInterface,
+    Message,
     OfficeReport,
     RegistrationInfo,
     RegistrationUpdate,
@@ -48,6 +52,19 @@ log = logging.getLogger("remotehost.uplink")
 SOFTWARE = "branchpbx-remotehost/0.1"
 SERVER_NAME = "branchpbx-mainhost"
 LONG_OUTAGE = 300.0
+
+
+class CallHandler(Protocol):
+    """The office's call control (remotehost/calls.py), as the uplink sees it."""
+
+    async def on_trunk_message(self, channel: int, msg: Message) -> None:
+        """A call message from the main host on a call channel (odd: ours, even: theirs)."""
+
+    async def on_trunk_up(self, media_key: bytes) -> None:
+        """Logged in (again): a new media key for the WAN legs of calls in progress."""
+
+    async def on_trunk_down(self) -> None:
+        """The trunk is gone: calls waiting on the main host should fail now."""
 
 
 @dataclass
@@ -112,6 +129,56 @@ class Uplink:
         self._wake = trio.Event()
         self.location: Location | None = None
         self._dirty_extensions: set[str] = set()
+        self.call_handler: CallHandler | None = None
+        self._next_channel = -1  # ours are odd: 1, 3, 5, ... (the main host's even)
+        self._grants: dict[int, trio.MemorySendChannel[GrantReply]] = {}
+
+    # --- what call control uses ---
+
+    @property
+    def online(self) -> bool:
+        return self.conn is not None
+
+    @property
+    def media_key(self) -> bytes | None:
+        conn = self.conn
+        return conn.session.media_key if conn is not None else None
+
+    def new_call_channel(self) -> int:
+        """A trunk channel for a call we start. Numbers are kept across re-logins, so a call
+        keeps its channel when the trunk comes back (F9)."""
+        self._next_channel += 2
+        return self._next_channel
+
+    async def send_call(self, channel: int, msg: Message) -> None:
+        """Send a call message; ConnectionLost if the trunk is down."""
+        conn = self.conn
+        if conn is None:
+            raise ConnectionLost("the trunk to the main host is down")
+        await conn.send(msg, channel=channel)
+
+    async def request_grant(
+        self, call_id: str, caller: str, callee: str, *, timeout: float = 1.0
+    ) -> GrantReply | None:
+        """Ask the main host whether a call inside the office may go ahead (F5).
+
+        None when the main host does not answer within `timeout` (or the trunk is down): the
+        caller then decides alone (F6), without waiting for TCP to notice anything.
+        """
+        if self.conn is None:
+            return None
+        channel = self.new_call_channel()
+        send, receive = trio.open_memory_channel[GrantReply](1)
+        self._grants[channel] = send
+        try:
+            with trio.move_on_after(timeout):
+                await self.send_call(channel, GrantRequest(call_id, caller, callee))
+                return await receive.receive()
+            return None
+        except ConnectionLost:
+            return None
+        finally:
+            del self._grants[channel]
 
     def attach_location(self, location: Location) -> None:
         """Report this office's registrations to the main host (all at login, then changes)."""
@@ -200,6 +267,8 @@ class Uplink:
                         logged_in = True
                         self.conn = conn
                         await self._on_login(event, nursery)
+                    elif isinstance(event, Received) and event.channel != 0:
+                        await self._on_call_message(event.channel, event.message)
                     elif isinstance(event, Received):
                         await self._on_message(conn, event)
                     elif isinstance(event, LoginRejected):
@@ -220,6 +289,9 @@ class Uplink:
         finally:
             self.conn = None
             self._cancel_connection = None
+            if logged_in and self.call_handler is not None:
+                with trio.CancelScope(shield=True):
+                    await self.call_handler.on_trunk_down()
             with trio.CancelScope(shield=True):
                 await conn.aclose(ErrorCode.NORMAL, "reconnecting")
         return logged_in
@@ -253,6 +325,8 @@ class Uplink:
         )
         nursery.start_soon(self._report)
         nursery.start_soon(self._report_registrations)
+        if self.call_handler is not None:
+            await self.call_handler.on_trunk_up(self.conn.session.media_key if self.conn else b"")
 
     async def _report(self) -> None:
         """Learn the LAN and the NAT type, and tell the main host (at every login)."""
@@ -315,6 +389,16 @@ class Uplink:
                 update = RegistrationUpdate(False, extensions, bindings)
             else:
                 update = None
+
+    async def _on_call_message(self, channel: int, msg: Message) -> None:
+        if isinstance(msg, GrantReply):
+            waiting = self._grants.get(channel)
+            if waiting is not None:
+                with contextlib.suppress(trio.WouldBlock):  # a duplicate answer: the first counts
+                    waiting.send_nowait(msg)
+            return
+        if self.call_handler is not None:
+            await self.call_handler.on_trunk_message(channel, msg)
 
     async def _on_message(self, conn: TrunkConnection, event: Received) -> None:
         msg = event.message

@@ -1,0 +1,239 @@
+"""Calls through the main host: route a dialled number to an office, bridge the two offices'
+call channels, set up the media relay, and answer grants for calls inside an office.
+
+A call between offices is two channels, one on each office's trunk, bridged here: whatever call
+message comes in on one side goes out on the other, until a CallEnd. Calls are keyed by
+(office, channel), not by connection, so a call outlives a re-login of either office (a new
+public address, a short outage): messages go to the office's current connection, and the relay
+takes the office's new media key. A call whose office stays away longer than `grace` is ended.
+
+Policy lives here (who may call what, where a number lives); the trunk server only delivers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from shared.wire.messages import (
+    CallAnswer,
+    CallEnd,
+    CallHold,
+    CallInfo,
+    CallProgress,
+    CallSetup,
+    GrantReply,
+    GrantRequest,
+    MediaLeg,
+    Message,
+)
+
+log = logging.getLogger("mainhost.calls")
+BRIDGED = (CallProgress, CallAnswer, CallHold, CallInfo)
+
+
+class Relay(Protocol):
+    """What the call router needs of the media relay (mainhost/relay.py)."""
+
+    def offer(self, call_id: str, office: str) -> int: ...
+    def answer(self, call_id: str, office: str) -> int: ...
+    def delete(self, call_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class OfficeRange:
+    name: str
+    first: int
+    last: int
+    digits: int
+
+    def holds(self, number: str) -> bool:
+        return number.isdigit() and len(number) == self.digits and self.first <= int(number) <= self.last
+
+
+@dataclass
+class Bridge:
+    call_id: str
+    a: tuple[str, int]  # (office, channel) of the calling side
+    b: tuple[str, int] | None = None
+    answered: bool = False
+    orphaned_since: dict[str, float] = field(default_factory=dict)
+
+    def other(self, side: tuple[str, int]) -> tuple[str, int] | None:
+        return self.b if side == self.a else self.a
+
+
+Send = Callable[[str, Message, int], Awaitable[bool]]
+
+
+class CallRouter:
+    """Routes and bridges calls between offices.
+
+    `send(office, message, channel)` delivers on the office's current trunk connection and
+    returns False when the office is not connected. `ranges()` lists the offices' extension
+    ranges; `directory_has(office, ext)` says whether an extension exists.
+    """
+
+    def __init__(
+        self,
+        *,
+        send: Send,
+        is_online: Callable[[str], bool],
+        ranges: Callable[[], list[OfficeRange]],
+        directory_has: Callable[[str, str], bool],
+        relay: Relay | None,
+        relay_port: int,
+        grace: float = 10.0,
+    ) -> None:
+        self._send = send
+        self._is_online = is_online
+        self._ranges = ranges
+        self._directory_has = directory_has
+        self.relay = relay
+        self.relay_port = relay_port
+        self.grace = grace
+        self.bridges: dict[tuple[str, int], Bridge] = {}
+        self._next_channel: dict[str, int] = {}
+        self.calls_routed = 0
+        self.calls_refused = 0
+
+    def route(self, number: str) -> OfficeRange | None:
+        for office in self._ranges():
+            if office.holds(number):
+                return office
+        return None
+
+    def _channel_for(self, office: str) -> int:
+        # The main host numbers its channels even (the remote hosts odd), never 0.
+        channel = self._next_channel.get(office, 0) + 2
+        self._next_channel[office] = channel
+        return channel
+
+    async def on_message(self, office: str, channel: int, msg: Message) -> None:
+        side = (office, channel)
+        if isinstance(msg, GrantRequest):
+            await self._grant(office, channel, msg)
+        elif isinstance(msg, CallSetup):
+            await self._setup(side, msg)
+        elif isinstance(msg, CallEnd):
+            await self._end(side, msg)
+        elif isinstance(msg, BRIDGED):
+            bridge = self.bridges.get(side)
+            other = bridge.other(side) if bridge else None
+            if bridge is None or other is None:
+                log.debug("%s on unknown call channel %s", type(msg).__name__, side)
+                return
+            if isinstance(msg, CallAnswer):
+                bridge.answered = True
+            await self._send(other[0], msg, other[1])
+        else:
+            log.debug("%s from %s on channel %d not handled", type(msg).__name__, office, channel)
+
+    async def _grant(self, office: str, channel: int, msg: GrantRequest) -> None:
+        # F5: a call inside one office may go phone to phone when both ends belong to it.
+        if not self._directory_has(office, msg.caller):
+            reply = GrantReply(msg.call_id, False, f"{msg.caller} is not a phone of office {office}")
+        elif not self._directory_has(office, msg.callee):
+            reply = GrantReply(msg.call_id, False, f"{msg.callee} is not a phone of office {office}")
+        else:
+            reply = GrantReply(msg.call_id, True)
+        await self._send(office, reply, channel)
+
+    async def _refuse(self, side: tuple[str, int], call_id: str, status: int, reason: str) -> None:
+        self.calls_refused += 1
+        log.info("call %s from %s refused: %d %s", call_id, side[0], status, reason)
+        await self._send(side[0], CallEnd(call_id, status, reason), side[1])
+
+    async def _setup(self, side: tuple[str, int], msg: CallSetup) -> None:
+        if side in self.bridges:
+            return  # a repeated setup on a live channel: ignore
+        target = self.route(msg.callee)
+        if target is None:
+            await self._refuse(side, msg.call_id, 404, f"no office serves the number {msg.callee}")
+            return
+        if not self._directory_has(target.name, msg.callee):
+            await self._refuse(side, msg.call_id, 404, f"{msg.callee} is not a phone")
+            return
+        if not self._is_online(target.name):
+            await self._refuse(
+                side, msg.call_id, 480, f"office {target.name} is offline right now"
+            )
+            return
+        bridge = Bridge(msg.call_id, side)
+        self.bridges[side] = bridge
+        channel = self._channel_for(target.name)
+        bridge.b = (target.name, channel)
+        self.bridges[bridge.b] = bridge
+        self.calls_routed += 1
+        if self.relay is not None:
+            leg_a = self.relay.offer(msg.call_id, side[0])
+            leg_b = self.relay.answer(msg.call_id, target.name)
+            await self._send(side[0], MediaLeg(msg.call_id, leg_a, self.relay_port), side[1])
+        setup = CallSetup(
+            msg.call_id, msg.caller, msg.callee, msg.codecs, msg.caller_name, side[0]
+        )
+        delivered = await self._send(target.name, setup, channel)
+        if delivered and self.relay is not None:
+            await self._send(target.name, MediaLeg(msg.call_id, leg_b, self.relay_port), channel)
+        if not delivered:
+            await self._drop(bridge)
+            await self._refuse(side, msg.call_id, 480, f"office {target.name} went offline")
+            return
+        log.info(
+            "call %s: %s@%s -> %s@%s", msg.call_id, msg.caller, side[0], msg.callee, target.name
+        )
+
+    async def _end(self, side: tuple[str, int], msg: CallEnd) -> None:
+        bridge = self.bridges.get(side)
+        if bridge is None:
+            return
+        other = bridge.other(side)
+        await self._drop(bridge)
+        if other is not None:
+            await self._send(other[0], msg, other[1])
+        log.info("call %s ended by %s: %d %s", msg.call_id, side[0], msg.status, msg.reason)
+
+    async def _drop(self, bridge: Bridge) -> None:
+        for side in (bridge.a, bridge.b):
+            if side is not None and self.bridges.get(side) is bridge:
+                del self.bridges[side]
+        if self.relay is not None:
+            self.relay.delete(bridge.call_id)
+
+    def live_calls(self) -> list[Bridge]:
+        return list({id(b): b for b in self.bridges.values()}.values())
+
+    async def office_lost(self, office: str, now: float) -> None:
+        """The office's trunk went down: its calls wait `grace` seconds for it to log in again."""
+        for bridge in self.live_calls():
+            if office in (bridge.a[0], bridge.b[0] if bridge.b else None):
+                bridge.orphaned_since.setdefault(office, now)
+
+    def office_back(self, office: str) -> None:
+        for bridge in self.live_calls():
+            bridge.orphaned_since.pop(office, None)
+
+    async def reap(self, now: float) -> None:
+        """End calls whose office did not come back within the grace period."""
+        for bridge in self.live_calls():
+            gone = [o for o, t in bridge.orphaned_since.items() if now - t > self.grace]
+            if not gone:
+                continue
+            office = gone[0]
+            await self._drop(bridge)
+            for side in (bridge.a, bridge.b):
+                if side is not None and side[0] != office:
+                    await self._send(
+                        side[0],
+                        CallEnd(bridge.call_id, 503, f"office {office} lost its connection"),
+                        side[1],
+                    )
+
+    async def watch(self, interval: float = 1.0) -> None:
+        while True:
+            await trio.sleep(interval)
+            await self.reap(trio.current_time())
