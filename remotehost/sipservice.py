@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -73,6 +74,7 @@ class SipServiceStatistics:
     pings_sent: int = 0
     pings_answered: int = 0
     send_failures: int = 0
+    save_failures: int = 0
     registrar: dict[str, int] = field(default_factory=dict)
 
 
@@ -261,7 +263,15 @@ class SipService:
     async def flush(self) -> None:
         if self._dirty:
             changes, self._dirty = self._dirty, {}
-            await trio.to_thread.run_sync(self.store.save, changes)
+            try:
+                await trio.to_thread.run_sync(self.store.save, changes)
+            except sqlite3.Error as exc:
+                # A locked or full disk must not stop the phones' service: keep the changes
+                # (newer ones made meanwhile win) and try again at the next round.
+                for ext, bindings in changes.items():
+                    self._dirty.setdefault(ext, bindings)
+                self.stats.save_failures += 1
+                log.warning("could not save the location table, will retry: %s", exc)
 
     async def _ping_contacts(self) -> None:
         """OPTIONS to every UDP contact: keeps its NAT binding open, tells us it is alive."""
