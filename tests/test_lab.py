@@ -606,8 +606,10 @@ def test_new_public_address_changes_what_the_server_sees(lab_factory: LabFactory
     assert "203.0.113.101" not in conntrack
     assert office.new_public_address("203.0.113.77") == "203.0.113.77"
     assert ask(rh, UDP_ASK, lab.main_addresses[0], udp)[0] == "203.0.113.77"
-    with pytest.raises(netlab.LabError, match="taken"):
-        office.new_public_address(lab.office(2).public_address)
+    for bad in [lab.office(2).public_address, "203.0.113.255", "198.51.100.7", "x"]:
+        with pytest.raises(netlab.LabError, match=r"taken|not an IPv4"):
+            office.new_public_address(bad)
+    assert office.public_address == "203.0.113.77"
     assert ask(lab.office(2).host("rh"), UDP_ASK, lab.main_addresses[0], udp)[0] == (
         "203.0.113.102"
     )

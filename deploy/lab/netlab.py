@@ -429,8 +429,14 @@ class Office:
             if not free:
                 raise LabError("no free public address left in 203.0.113.200-254")
             address = free[0]
-        elif address in taken or ipaddress.IPv4Address(address) not in INTERNET:
-            raise LabError(f"{address} is taken or not in {INTERNET}")
+        else:
+            try:
+                ip = ipaddress.IPv4Address(address)
+            except ValueError as exc:
+                raise LabError(f"{address!r} is not an IPv4 address") from exc
+            edges = (INTERNET.network_address, INTERNET.broadcast_address)
+            if address in taken or ip not in INTERNET or ip in edges:
+                raise LabError(f"{address} is taken or not a host address in {INTERNET}")
         # Deleting the old address also deletes the default route through it: add both anew.
         _ip(self.router_ns, [
             f"addr flush dev {WAN}",
