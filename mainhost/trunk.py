@@ -22,6 +22,7 @@ from typing import Any
 
 import trio
 
+from mainhost.calls import CallRouter, OfficeRange
 from mainhost.store import MainStore
 from shared.aio.trunk import ConnectionLost, TrunkConnection
 from shared.ratelimit import FailureThrottle
@@ -101,6 +102,39 @@ class TrunkServer:
         self.stats = TrunkStatistics()
         self.throttle = FailureThrottle(free_failures=free_login_failures)
         self._wall = wall_clock
+        # What call routing reads on every call: kept in memory, refreshed when the store changes.
+        self.office_ranges: list[OfficeRange] = []
+        self.directories: dict[str, frozenset[str]] = {}
+        self.calls = CallRouter(
+            send=self.send_to_office,
+            is_online=lambda office: office in self.online,
+            ranges=lambda: self.office_ranges,
+            directory_has=lambda office, ext: ext in self.directories.get(office, ()),
+            relay=None,
+            relay_port=0,
+        )
+
+    def refresh_directory_cache(self) -> None:
+        """Synchronous (sqlite): call through trio.to_thread."""
+        offices = self.store.offices()
+        self.office_ranges = [
+            OfficeRange(o.name, o.ext_first, o.ext_last, len(str(o.ext_first))) for o in offices
+        ]
+        directories: dict[str, set[str]] = {o.name: set() for o in offices}
+        for phone in self.store.phones():
+            directories.setdefault(phone["office"], set()).add(phone["ext"])
+        self.directories = {name: frozenset(exts) for name, exts in directories.items()}
+
+    async def send_to_office(self, office: str, msg: Message, channel: int) -> bool:
+        """Deliver on the office's current connection; False if it is not connected."""
+        live = self.online.get(office)
+        if live is None:
+            return False
+        try:
+            await live.conn.send(msg, channel=channel)
+        except ConnectionLost:
+            return False
+        return True
 
     async def serve(
         self,
@@ -108,8 +142,10 @@ class TrunkServer:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        await trio.to_thread.run_sync(self.refresh_directory_cache)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.watch_directory)
+            nursery.start_soon(self.calls.watch)
             task_status.started()
             await trio.serve_listeners(self.handle_connection, listeners)
 
@@ -142,7 +178,10 @@ class TrunkServer:
                         live = self._attach(conn, event, scope)
                         await self._welcome(live, event)
                     elif isinstance(event, Received) and live is not None:
-                        await self._on_message(live, event.message)
+                        if event.channel != 0:
+                            await self.calls.on_message(live.name, event.channel, event.message)
+                        else:
+                            await self._on_message(live, event.message)
                     elif isinstance(event, Ignored):
                         self.stats.ignored_messages += 1
                         log.debug("ignored message type %d from %s", event.unknown.type, peer_ip)
@@ -239,6 +278,7 @@ class TrunkServer:
             cancel=scope,
         )
         self.online[event.office] = live
+        self.calls.office_back(event.office)
         return live
 
     async def _welcome(self, live: OfficeLive, event: LoggedIn) -> None:
@@ -265,6 +305,7 @@ class TrunkServer:
     async def _detach(self, live: OfficeLive, reason: str) -> None:
         if self.online.get(live.name) is live:
             del self.online[live.name]
+            await self.calls.office_lost(live.name, trio.current_time())
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(
                 lambda: self.store.record_seen(
@@ -355,6 +396,7 @@ class TrunkServer:
             if version == seen:
                 continue
             seen = version
+            await trio.to_thread.run_sync(self.refresh_directory_cache)
             for live in list(self.online.values()):
                 current = await trio.to_thread.run_sync(self.store.directory_version, live.name)
                 if current == live.dir_sent:
