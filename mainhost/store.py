@@ -365,17 +365,6 @@ class MainStore:
         rows = self._read("SELECT dir_version FROM offices WHERE name=?", (office,))
         return int(rows[0]["dir_version"]) if rows else 0
 
-    def _entries(self, office: str, exts: list[str] | None = None) -> list[DirectoryEntry]:
-        sql = "SELECT ext, name, ha1_md5, ha1_sha256 FROM phones WHERE office=?"
-        args: tuple[Any, ...] = (office,)
-        if exts is not None:
-            sql += f" AND ext IN ({','.join('?' * len(exts))})"
-            args += tuple(exts)
-        return [
-            DirectoryEntry(r["ext"], r["ha1_md5"], r["ha1_sha256"], r["name"])
-            for r in self._read(sql + " ORDER BY ext", args)
-        ]
-
     def directory_snapshot(self, office: str, realm: str) -> DirectorySnapshot:
         with self._lock:
             # One read transaction, so the version and the entries agree.
@@ -398,6 +387,8 @@ class MainStore:
     def directory_delta(self, office: str, base_version: int) -> DirectoryDelta | None:
         """The changes after `base_version`, or None if the journal cannot say (send a snapshot)."""
         with self._lock:
+            # One read transaction, so the version, the journal and the entries agree (the CLI
+            # may commit a change between two statements otherwise).
             self._db.execute("BEGIN")
             try:
                 current = self._db.execute(
@@ -408,6 +399,15 @@ class MainStore:
                     " ORDER BY version",
                     (office, base_version),
                 ).fetchall()
+                last_op: dict[str, str] = {}
+                for change in changes:
+                    last_op[change["ext"]] = change["op"]
+                puts = [ext for ext, op in last_op.items() if op == "put"]
+                rows = self._db.execute(
+                    "SELECT ext, name, ha1_md5, ha1_sha256 FROM phones WHERE office=?"
+                    f" AND ext IN ({','.join('?' * len(puts))}) ORDER BY ext",
+                    (office, *puts),
+                ).fetchall()
             finally:
                 self._db.execute("COMMIT")
         if current is None or base_version > current[0]:
@@ -415,13 +415,6 @@ class MainStore:
         version = current[0]
         if len(changes) != version - base_version:
             return None  # journal gap (pruned or foreign edit): a snapshot is the safe answer
-        last_op: dict[str, str] = {}
-        for change in changes:
-            last_op[change["ext"]] = change["op"]
-        puts = [ext for ext, op in last_op.items() if op == "put"]
+        entries = [DirectoryEntry(r["ext"], r["ha1_md5"], r["ha1_sha256"], r["name"]) for r in rows]
         deletes = sorted(ext for ext, op in last_op.items() if op == "delete")
-        entries = self._entries(office, puts) if puts else []
-        # An ext put and then deleted before this read is a delete; present entries win.
-        present = {e.ext for e in entries}
-        deletes += sorted(ext for ext in puts if ext not in present)
         return DirectoryDelta(base_version, version, entries, deletes)
