@@ -428,3 +428,59 @@ def test_read_only_database_is_a_store_error(tmp_path):
     ):
         again = MainStore(tmp_path / DB_NAME)
         again.add_office("lyon", "2000-2099", 100)
+
+
+# --- consistency while the CLI writes from another connection ---
+
+
+def test_snapshots_and_deltas_are_consistent_during_concurrent_writes(tmp_path):
+    """The CLI adds and removes a phone again and again while the server reads.
+
+    After an odd number of changes exactly the newest phone exists, after an even number none;
+    every snapshot and every delta must describe one such state, never a mix of two.
+    """
+    import threading
+
+    server = MainStore(tmp_path / DB_NAME)
+    server.add_office("lyon", "20000-29999", 100)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def cli() -> None:
+        writer = MainStore(tmp_path / DB_NAME)
+        try:
+            n = 0
+            while not stop.is_set() and n < 2000:
+                writer.add_phone(str(20000 + n), PASSWORD, REALM)
+                writer.remove_phone(str(20000 + n))
+                n += 1
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            writer.close()
+
+    def newest(version: int) -> str:
+        return str(20000 + (version - 1) // 2)
+
+    thread = threading.Thread(target=cli)
+    thread.start()
+    try:
+        for _ in range(2000):
+            snapshot = server.directory_snapshot("lyon", REALM)
+            if snapshot.version % 2:
+                assert [e.ext for e in snapshot.entries] == [newest(snapshot.version)]
+            else:
+                assert snapshot.entries == []
+            delta = server.directory_delta("lyon", 0)
+            assert delta is not None
+            if delta.version % 2:
+                assert [e.ext for e in delta.put] == [newest(delta.version)], delta
+                assert newest(delta.version) not in delta.delete
+            else:
+                assert delta.put == []
+            assert len(delta.delete) == delta.version // 2
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+    assert not errors
