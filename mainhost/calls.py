@@ -52,7 +52,11 @@ class OfficeRange:
     digits: int
 
     def holds(self, number: str) -> bool:
-        return number.isdigit() and len(number) == self.digits and self.first <= int(number) <= self.last
+        return (
+            number.isdigit()
+            and len(number) == self.digits
+            and self.first <= int(number) <= self.last
+        )
 
 
 @dataclass
@@ -136,9 +140,13 @@ class CallRouter:
     async def _grant(self, office: str, channel: int, msg: GrantRequest) -> None:
         # F5: a call inside one office may go phone to phone when both ends belong to it.
         if not self._directory_has(office, msg.caller):
-            reply = GrantReply(msg.call_id, False, f"{msg.caller} is not a phone of office {office}")
+            reply = GrantReply(
+                msg.call_id, False, f"{msg.caller} is not a phone of office {office}"
+            )
         elif not self._directory_has(office, msg.callee):
-            reply = GrantReply(msg.call_id, False, f"{msg.callee} is not a phone of office {office}")
+            reply = GrantReply(
+                msg.call_id, False, f"{msg.callee} is not a phone of office {office}"
+            )
         else:
             reply = GrantReply(msg.call_id, True)
         await self._send(office, reply, channel)
@@ -159,9 +167,7 @@ class CallRouter:
             await self._refuse(side, msg.call_id, 404, f"{msg.callee} is not a phone")
             return
         if not self._is_online(target.name):
-            await self._refuse(
-                side, msg.call_id, 480, f"office {target.name} is offline right now"
-            )
+            await self._refuse(side, msg.call_id, 480, f"office {target.name} is offline right now")
             return
         bridge = Bridge(msg.call_id, side)
         self.bridges[side] = bridge
@@ -173,9 +179,7 @@ class CallRouter:
             leg_a = self.relay.offer(msg.call_id, side[0])
             leg_b = self.relay.answer(msg.call_id, target.name)
             await self._send(side[0], MediaLeg(msg.call_id, leg_a, self.relay_port), side[1])
-        setup = CallSetup(
-            msg.call_id, msg.caller, msg.callee, msg.codecs, msg.caller_name, side[0]
-        )
+        setup = CallSetup(msg.call_id, msg.caller, msg.callee, msg.codecs, msg.caller_name, side[0])
         delivered = await self._send(target.name, setup, channel)
         if delivered and self.relay is not None:
             await self._send(target.name, MediaLeg(msg.call_id, leg_b, self.relay_port), channel)
