@@ -297,6 +297,23 @@ def test_read_drops_what_cannot_be_answered(data: bytes) -> None:
     assert inbound.error is not None
 
 
+@pytest.mark.parametrize(
+    ("data", "is_sip"),
+    [
+        (request_bytes(), True),
+        (response_bytes(), True),
+        (response_bytes(via="garbage"), True),  # SIP, only invalid: the peer speaks SIP
+        (request_bytes(cseq="1 INVITE"), True),
+        (request_bytes(body=b"x").replace(b"Length: 1", b"Length: 5"), True),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", False),
+        (b"hello\r\n\r\n", False),
+        (b"\x16\x03\x01", False),
+    ],
+)
+def test_read_tells_invalid_sip_from_other_protocols(data: bytes, is_sip: bool) -> None:
+    assert read_message_untrusted(data, ("192.0.2.7", 40001)).is_sip is is_sip
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=600))
 def test_fuzz_read_random_bytes_never_raises(data: bytes) -> None:
@@ -642,6 +659,27 @@ async def test_udp_flood_with_a_stuck_handler_drops_and_never_blocks_the_receive
     assert b"Call-ID: later" in data and data.startswith(b"SIP/2.0 200")
 
 
+@pytest.mark.parametrize("seed", range(3))
+async def test_udp_duplicated_and_reordered_datagrams_are_each_delivered(
+    nursery: trio.Nursery, udp_client: UdpClient, seed: int
+) -> None:
+    # A terrible network, minus loss (a transport does not retransmit; its clients do): every
+    # datagram that arrives is handed over once, as it came; deduplication is the
+    # transaction layer's job (RFC 3261 §17.2.3).
+    server = await start(nursery, answer=False)
+    client = await udp_client()
+    rng = random.Random(seed)
+    datagrams = [request_bytes(call_id=f"c{i}") for i in range(10)]
+    datagrams += rng.sample(datagrams, 5)
+    rng.shuffle(datagrams)
+    for datagram in datagrams:
+        await client.sendto(datagram, server.address)
+    seen = await server.recorder.wait_for(len(datagrams))
+    sent_ids = [parse_request(d).call_id for d in datagrams]
+    assert sorted(message.call_id for message, _ in seen) == sorted(sent_ids)
+    assert server.transport.statistics().received == len(datagrams)
+
+
 async def test_handler_errors_are_counted_and_the_server_goes_on(
     nursery: trio.Nursery, udp_client: UdpClient, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -920,7 +958,7 @@ async def test_tcp_missing_content_length_is_answered_then_closed(
         b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(64)) + b"\r\n\r\n",
         b"hello\r\nContent-Length: 0\r\n\r\n",
-        response_bytes(via="garbage"),
+        b"OPTIONS sip:x HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
     ],
 )
 async def test_tcp_peer_sending_junk_is_disconnected(
@@ -937,6 +975,19 @@ async def test_tcp_peer_sending_junk_is_disconnected(
     other = await tcp_connect(server.address)
     await other.send(tcp_request())
     assert (await other.next_response()).status == 200
+
+
+async def test_tcp_malformed_response_is_dropped_and_the_connection_stays(
+    nursery: trio.Nursery, tcp_connect: TcpConnect
+) -> None:
+    server = await start(nursery)
+    peer = await tcp_connect(server.address)
+    await peer.send(response_bytes(via="garbage"))
+    await peer.send(tcp_request())
+    assert (await peer.next_response()).status == 200
+    stats = server.transport.statistics()
+    assert (stats.dropped_malformed, stats.tcp_closed_junk, stats.received) == (1, 0, 1)
+    assert len(server.recorder.seen) == 1
 
 
 async def test_tcp_oversized_message_disconnects(

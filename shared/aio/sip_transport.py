@@ -27,6 +27,10 @@ Choices worth knowing:
   client's retransmission (RFC 3261 §17.1.1.2) recovers. TCP readers do wait: TCP has its own
   flow control, and a stream cannot lose a message without losing its framing.
 - A handler exception is logged and counted, not raised: one bad message must not stop a PBX.
+
+It is longer than most modules (about 800 lines) because its pure half (Via stamping, response
+routing, reading untrusted bytes into a message or an error reply, STUN keepalive replies) sits
+above the sockets it serves; that half imports no trio and could move to `shared.sip` whole.
 """
 
 from __future__ import annotations
@@ -204,6 +208,9 @@ class Inbound:
     message: SipMessage | None = None
     reply: SipResponse | None = None
     error: SipParseError | None = None
+    is_sip: bool = False
+    """The bytes were a SIP message (start line, headers, a SIP version), perhaps an invalid
+    one: over TCP the peer speaks SIP and keeps its connection."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +291,7 @@ def read_message_untrusted(
     and it has From, To, Call-ID and CSeq to copy (RFC 3261 §8.2.6.2). A bad response is
     dropped (RFC 3261 §18.1.2).
     """
+    message: SipMessage | None = None
     try:
         message = parse_message_untrusted(data, limits)
         if isinstance(message, SipResponse):
@@ -294,8 +302,10 @@ def read_message_untrusted(
             )
             stamp_top_via_untrusted(message, remote, force_rport=options.force_rport)
     except SipParseError as exc:
-        return Inbound(reply=_error_reply(exc, remote, options), error=exc)
-    return Inbound(message=message)
+        read = message if message is not None else exc.request
+        is_sip = read is not None and read.version.upper().startswith("SIP/")
+        return Inbound(reply=_error_reply(exc, remote, options), error=exc, is_sip=is_sip)
+    return Inbound(message=message, is_sip=True)
 
 
 def _error_reply(
@@ -463,7 +473,8 @@ class SipTransport:
 
     def connection_to(self, address: Address) -> TcpConnection | None:
         """The open TCP connection from `address`, if any."""
-        return self._connections.get(address)
+        connection = self._connections.get(address)
+        return connection if connection is not None and connection.is_open else None
 
     async def send(self, data: bytes, destination: Destination) -> None:
         """Send one message (or keepalive) to `destination`.
@@ -481,7 +492,7 @@ class SipTransport:
             else:
                 connection = destination.connection
                 if connection is None or not connection.is_open:
-                    connection = self._connections.get(destination.address)
+                    connection = self.connection_to(destination.address)
                 if connection is None:
                     raise SipTransportError(
                         f"no open TCP connection to {_show(destination.address)}"
@@ -676,9 +687,10 @@ class SipTransport:
                 event, source.remote, limits=self._limits, options=self._options
             )
             if inbound.message is None:
-                # Framed, so still in sync: answer and go on; if it cannot even be answered
-                # it is not SIP, and the peer is disconnected.
-                if not await self._refuse(inbound, source):
+                # Framed, so still in sync: answer (or drop) it and go on, unless it was not
+                # SIP at all: then the peer is disconnected.
+                await self._refuse(inbound, source)
+                if not inbound.is_sip:
                     stats.tcp_closed_junk += 1
                     return False
                 continue
