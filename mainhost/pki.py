@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from shared.cli import CliError
+
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
 TRUNK_CERT = "trunk.pem"
@@ -107,7 +109,14 @@ def create(data: Path, public_address: str, *, years: int = 20) -> bytes:
 
 
 def ca_der(data: Path) -> bytes:
-    cert = x509.load_pem_x509_certificate((data / CA_CERT).read_bytes())
+    """The CA certificate (DER); CliError naming the file if it is missing or damaged."""
+    path = data / CA_CERT
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except OSError as exc:
+        raise CliError(f"cannot read the CA certificate {path}: {exc.strerror}") from None
+    except ValueError:
+        raise CliError(f"the CA certificate {path} is damaged (not a PEM certificate)") from None
     return cert.public_bytes(serialization.Encoding.DER)
 
 
