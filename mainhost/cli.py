@@ -137,6 +137,8 @@ def _token(data: Path, config: MainHostConfig, office: str, secret: bytes) -> st
 
 def cmd_office_add(args: argparse.Namespace) -> int:
     config = load_config(args.data)
+    # Whatever would stop the token from being printed must stop us before the office exists.
+    _token(args.data, config, args.name, b"")
     store = _store(args.data)
     try:
         secret = store.add_office(args.name, args.extensions, args.wan_kbps)
