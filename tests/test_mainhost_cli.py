@@ -442,3 +442,26 @@ def test_remotehost_serve_mistakes(tmp_path):
     assert_one_line_error(remotehost("serve", "--data", data), str(config), "trunk.main_host")
     config.write_text('office = "lyon"\n[trunk]\nmain_host = "127.0.0.1"\n')
     assert_one_line_error(remotehost("serve", "--data", data), str(data / "ca.pem"))
+
+
+# --- damaged key material ---
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage"])
+def test_missing_or_damaged_ca_certificate(data, damage):
+    ca = data / "ca.pem"
+    if damage == "missing":
+        ca.unlink()
+    else:
+        ca.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n")
+    assert_one_line_error(mainhost("serve", "--data", data), str(ca))
+    result = mainhost("office", "add", "lyon", "--extensions", "2000-2099", "--data", data)
+    assert_one_line_error(result, str(ca))
+    # Nothing was half-done: no office exists without a token to join it.
+    status = json.loads(mainhost("status", "--json", "--data", data).stdout)
+    assert status["offices"] == []
+
+
+def test_damaged_trunk_key(data):
+    (data / "trunk.key").write_text("junk\n")
+    assert_one_line_error(mainhost("serve", "--data", data), str(data), "trunk certificate")
