@@ -1,0 +1,218 @@
+"""The WAN media packet: RTP between a remote host and the main host's relay, sealed.
+
+This module owns the packet format of docs/wire-protocol.md §9a, sealing and opening one
+packet with AES-256-GCM (`cryptography`'s AESGCM: a vetted AEAD, not our own crypto), and the
+sliding replay window (RFC 3711 §3.3.2). It does not own sockets, addresses, keys' lifetimes or
+who may talk to whom: that is the relay's (`mainhost.relay`) and the anchor's
+(`remotehost.anchor`) business. Time plays no part here.
+
+Layout (16 header bytes, all of them authenticated as associated data)::
+
+     0       1          2 3        4 ... 7    8 ......... 15   16 ...
+    +-------+----------+--------+----------+--------------+--------------------------+
+    | kind  | direction| 0 0    | leg u32  | counter u64  | ciphertext of RTP | tag16 |
+    +-------+----------+--------+----------+--------------+--------------------------+
+
+    kind       1 media (an RTP or RTCP packet), 2 keepalive/probe (payload usually empty)
+    direction  0 remote host -> relay, 1 relay -> remote host
+    nonce      direction byte | 00 00 00 | counter (12 bytes)
+
+Every leg has its own AES key, ``HMAC-SHA256(media_key, "bpx-wan-leg-v1|" | leg)``. The login's
+media key is shared by all the calls of one office, and the relay numbers each leg's packets
+from 0: without a key per leg, two calls of one office would seal different audio under the
+same (key, nonce), which in GCM leaks the XOR of the plaintexts and the authentication key
+(NIST SP 800-38D §8). With it, a nonce is unique as long as one sender owns each
+(media key, leg, direction) and never sends a counter twice; the direction byte keeps the two
+senders of one leg apart. This is SRTP's answer too (RFC 3711 §4.1.1: the SSRC is in the IV).
+
+The per-packet cost is one dictionary look-up for the cached AESGCM object and one AEAD
+operation; deriving a leg key happens once per (key, leg).
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import struct
+from typing import NamedTuple
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+__all__ = [
+    "DIRECTION_FROM_RELAY",
+    "DIRECTION_TO_RELAY",
+    "HEADER_SIZE",
+    "KEY_SIZE",
+    "KIND_KEEPALIVE",
+    "KIND_MEDIA",
+    "OVERHEAD",
+    "ReplayWindow",
+    "WanDefect",
+    "WanPacket",
+    "WanPacketError",
+    "open_untrusted",
+    "peek_leg_untrusted",
+    "seal",
+    "seal_keepalive",
+]
+
+KIND_MEDIA = 1
+KIND_KEEPALIVE = 2
+DIRECTION_TO_RELAY = 0
+DIRECTION_FROM_RELAY = 1
+KEY_SIZE = 32
+TAG_SIZE = 16
+_HEADER = struct.Struct("!BBHIQ")
+HEADER_SIZE = _HEADER.size  # 16
+OVERHEAD = HEADER_SIZE + TAG_SIZE
+"""Bytes a sealed packet adds to its payload (32)."""
+MAX_COUNTER = (1 << 64) - 1
+MAX_LEG = (1 << 32) - 1
+DEFAULT_REPLAY_WINDOW = 1024
+"""Packets: RFC 3711 §3.3.2 asks for at least 64; wider costs nothing with an int bitmap and
+tolerates more reordering on a bad WAN path (1024 packets of 20 ms is 20 s)."""
+
+_LEG_LABEL = b"bpx-wan-leg-v1|"
+_CACHE_LIMIT = 4096
+_ciphers: dict[tuple[bytes, int], AESGCM] = {}
+
+
+class WanDefect(enum.Enum):
+    """Why a packet was refused, for the receiver's drop counters."""
+
+    MALFORMED = "malformed"
+    WRONG_DIRECTION = "wrong-direction"
+    BAD_TAG = "bad-tag"
+
+
+class WanPacketError(Exception):
+    """The bytes are not an authentic WAN media packet for us (the sender's fault)."""
+
+    def __init__(self, defect: WanDefect, detail: str) -> None:
+        super().__init__(detail)
+        self.defect = defect
+
+
+class WanPacket(NamedTuple):
+    leg: int
+    counter: int
+    kind: int
+    payload: bytes
+
+
+def _cipher(key: bytes, leg: int) -> AESGCM:
+    cipher = _ciphers.get((key, leg))
+    if cipher is None:
+        if len(key) != KEY_SIZE:
+            raise ValueError(f"a media key is {KEY_SIZE} bytes, not {len(key)}")
+        if len(_ciphers) >= _CACHE_LIMIT:
+            # Keys change at every login and legs at every call: forget them all at once rather
+            # than track ages; re-deriving costs one HMAC per live leg.
+            _ciphers.clear()
+        leg_key = hmac.digest(key, _LEG_LABEL + leg.to_bytes(4, "big"), "sha256")
+        cipher = _ciphers[(bytes(key), leg)] = AESGCM(leg_key)
+    return cipher
+
+
+def seal(
+    key: bytes, direction: int, leg: int, counter: int, payload: bytes, *, kind: int = KIND_MEDIA
+) -> bytes:
+    """One sealed packet. The caller owns `counter`: never the same twice per (key, leg,
+    direction). Raises ValueError for arguments out of range (our bug, not the peer's)."""
+    if direction not in (DIRECTION_TO_RELAY, DIRECTION_FROM_RELAY):
+        raise ValueError("direction must be 0 or 1")
+    if kind not in (KIND_MEDIA, KIND_KEEPALIVE):
+        raise ValueError("kind must be 1 (media) or 2 (keepalive)")
+    if not 0 <= leg <= MAX_LEG:
+        raise ValueError("leg out of range")
+    if not 0 <= counter <= MAX_COUNTER:
+        raise ValueError("counter out of range")
+    header = _HEADER.pack(kind, direction, 0, leg, counter)
+    nonce = header[1:2] + b"\0\0\0" + header[8:16]
+    return header + _cipher(key, leg).encrypt(nonce, payload, header)
+
+
+def seal_keepalive(key: bytes, direction: int, leg: int, counter: int) -> bytes:
+    """An authenticated keepalive: it teaches the relay our address and keeps NAT open."""
+    return seal(key, direction, leg, counter, b"", kind=KIND_KEEPALIVE)
+
+
+def peek_leg_untrusted(packet: bytes) -> int:
+    """The leg id, before any cryptography, to find the key; raises only WanPacketError.
+
+    Nothing here is authentic until `open_untrusted` has checked the tag.
+    """
+    if len(packet) < OVERHEAD:
+        raise WanPacketError(WanDefect.MALFORMED, "shorter than a sealed packet")
+    return int.from_bytes(packet[4:8], "big")
+
+
+def open_untrusted(key: bytes, packet: bytes, expected_direction: int) -> WanPacket:
+    """Check and decrypt one packet; raises only WanPacketError (ValueError for a bad `key`).
+
+    The counter is returned unchecked: the replay window is the caller's, per leg, because only
+    the caller knows which leg a packet is for.
+    """
+    if len(packet) < OVERHEAD:
+        raise WanPacketError(WanDefect.MALFORMED, "shorter than a sealed packet")
+    kind, direction, reserved, leg, counter = _HEADER.unpack_from(packet)
+    if kind != KIND_MEDIA and kind != KIND_KEEPALIVE:
+        raise WanPacketError(WanDefect.MALFORMED, f"unknown kind {kind}")
+    if reserved:
+        raise WanPacketError(WanDefect.MALFORMED, "reserved bits set")
+    if direction != expected_direction:
+        # A packet reflected back at its sender: refused before spending an AEAD operation.
+        raise WanPacketError(WanDefect.WRONG_DIRECTION, f"direction {direction}")
+    header = packet[:HEADER_SIZE]
+    nonce = header[1:2] + b"\0\0\0" + header[8:16]
+    try:
+        payload = _cipher(key, leg).decrypt(nonce, packet[HEADER_SIZE:], header)
+    except InvalidTag:
+        raise WanPacketError(WanDefect.BAD_TAG, "authentication failed") from None
+    return WanPacket(leg, counter, kind, payload)
+
+
+class ReplayWindow:
+    """RFC 3711 §3.3.2 sliding window over one sender's counters, `size` packets wide.
+
+    A counter is accepted once, and only if it is newer than ``highest - size``. `check` first
+    (it is cheap), open the packet, then `update` with the authenticated counter only, so a
+    forged packet cannot move the window (RFC 3711 §3.3: the update follows authentication).
+    """
+
+    __slots__ = ("_bits", "_mask", "highest", "size")
+
+    def __init__(self, size: int = DEFAULT_REPLAY_WINDOW) -> None:
+        if size < 64:
+            raise ValueError("RFC 3711 §3.3.2: the replay window is at least 64 packets")
+        self.size = size
+        self.highest = -1
+        """The highest counter accepted, -1 before the first."""
+        self._bits = 0  # bit i set: counter `highest - i` was accepted
+        self._mask = (1 << size) - 1
+
+    def check(self, counter: int) -> bool:
+        """Would `counter` be accepted (not seen, not too old)?"""
+        delta = self.highest - counter
+        if delta < 0:
+            return True
+        if delta >= self.size:
+            return False
+        return not (self._bits >> delta) & 1
+
+    def update(self, counter: int) -> None:
+        """Record an authenticated counter that `check` accepted."""
+        delta = counter - self.highest
+        if delta > 0:
+            self._bits = ((self._bits << delta) | 1) & self._mask if delta < self.size else 1
+            self.highest = counter
+        else:
+            self._bits |= 1 << -delta
+
+    def accept(self, counter: int) -> bool:
+        """`check` and, if it passes, `update`: for a counter already authenticated."""
+        if not self.check(counter):
+            return False
+        self.update(counter)
+        return True
