@@ -1162,21 +1162,16 @@ def free_ports(count: int, *, step: int = 1) -> list[int]:
     return found
 
 
-@pytest.mark.peer
-@pytest.mark.skipif(SIPP is None, reason="sipp (Debian sip-tester) is not installed")
-@pytest.mark.parametrize("mode", ["u1", "t1"])
-async def test_sipp_options_is_answered_200(
-    nursery: trio.Nursery, tmp_path: Path, mode: str
-) -> None:
+async def run_sipp(scenario_text: str, tmp_path: Path, port: int, mode: str) -> tuple[int, int]:
+    """Run SIPp once against our port; return (exit status, SIPp's local port)."""
     assert SIPP is not None
-    server = await start(nursery)
-    scenario = tmp_path / "options.xml"
-    scenario.write_text(SIPP_OPTIONS_SCENARIO)
+    scenario = tmp_path / "scenario.xml"
+    scenario.write_text(scenario_text)
     local_port, control_port = free_ports(2)
     [media_port] = free_ports(1, step=2)
     command = [
         SIPP,
-        f"{LOOPBACK}:{server.address[1]}",
+        f"{LOOPBACK}:{port}",
         "-sf", str(scenario),
         "-m", "1",
         "-t", mode,
@@ -1194,6 +1189,18 @@ async def test_sipp_options_is_answered_200(
         )
     output = (result.stdout + result.stderr).decode(errors="replace")
     assert result.returncode == 0, output
+    return result.returncode, local_port
+
+
+@pytest.mark.peer
+@pytest.mark.skipif(SIPP is None, reason="sipp (Debian sip-tester) is not installed")
+@pytest.mark.parametrize("mode", ["u1", "t1"])
+async def test_sipp_options_is_answered_200(
+    nursery: trio.Nursery, tmp_path: Path, mode: str
+) -> None:
+    server = await start(nursery)
+    status, local_port = await run_sipp(SIPP_OPTIONS_SCENARIO, tmp_path, server.address[1], mode)
+    assert status == 0
     [(message, source)] = server.recorder.seen
     assert isinstance(message, SipRequest) and message.method == "OPTIONS"
     assert source.transport == ("udp" if mode == "u1" else "tcp")
@@ -1202,6 +1209,30 @@ async def test_sipp_options_is_answered_200(
         assert source.remote == (LOOPBACK, local_port)
     stats = server.transport.statistics()
     assert (stats.received, stats.sent, stats.dropped_malformed) == (1, 1, 0)
+
+
+@pytest.mark.peer
+@pytest.mark.skipif(SIPP is None, reason="sipp (Debian sip-tester) is not installed")
+@pytest.mark.parametrize("mode", ["u1", "t1"])
+async def test_sipp_malformed_request_gets_400_from_the_transport(
+    nursery: trio.Nursery, tmp_path: Path, mode: str
+) -> None:
+    # Two Max-Forwards (RFC 3261 §7.3.1: not a list header): the transport answers 400 itself,
+    # naming the problem, and the handler never sees the request.
+    scenario = SIPP_OPTIONS_SCENARIO.replace(
+        "Max-Forwards: 70", "Max-Forwards: 70\n      Max-Forwards: 69"
+    ).replace(
+        '<recv response="200" />',
+        '<recv response="400"><action><ereg regexp="SIP/2.0 400 Multiple Max-Forwards" '
+        'search_in="msg" check_it="true" assign_to="reason"/></action></recv>'
+        '<Reference variables="reason"/>',
+    )
+    server = await start(nursery)
+    status, _ = await run_sipp(scenario, tmp_path, server.address[1], mode)
+    assert status == 0
+    assert server.recorder.seen == []
+    stats = server.transport.statistics()
+    assert (stats.answered_malformed, stats.received) == (1, 0)
 
 
 # ---------------------------------------------------------------------------------------------
