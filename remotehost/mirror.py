@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.cli import CliError
 from shared.wire.messages import DirectoryDelta, DirectoryEntry, DirectorySnapshot
 
 DB_NAME = "remotehost.db"
@@ -37,11 +38,17 @@ class MirrorInfo:
 class DirectoryMirror:
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        for statement in SCHEMA:
-            self._db.execute(statement)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            for statement in SCHEMA:
+                self._db.execute(statement)
+        except sqlite3.Error as exc:  # not a database, unwritable directory, ...
+            raise CliError(
+                f"cannot open the directory mirror {path}: {exc} (move it away; the main host"
+                " sends a fresh copy at the next login)"
+            ) from None
         # The registrar looks credentials up on every REGISTER: from memory, not from sqlite.
         # Replaced whole (never mutated) after each applied change, so readers need no lock.
         self._cache: dict[str, DirectoryEntry] = {e.ext: e for e in self._load_entries()}
