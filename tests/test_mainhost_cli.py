@@ -465,3 +465,12 @@ def test_missing_or_damaged_ca_certificate(data, damage):
 def test_damaged_trunk_key(data):
     (data / "trunk.key").write_text("junk\n")
     assert_one_line_error(mainhost("serve", "--data", data), str(data), "trunk certificate")
+
+
+def test_remotehost_with_a_damaged_mirror(tmp_path):
+    data = tmp_path / "remote"
+    data.mkdir()
+    (data / "remotehost.toml").write_text('office = "lyon"\n[trunk]\nmain_host = "127.0.0.1"\n')
+    (data / "remotehost.db").write_text("not a database\n" * 50)
+    for command in ("serve", "status"):
+        assert_one_line_error(remotehost(command, "--data", data), str(data / "remotehost.db"))

@@ -164,3 +164,12 @@ def test_mirror_follows_a_model(tmp_path_factory, steps):
         assert reopened.entries() == sorted(model.values(), key=lambda e: e.ext)
     finally:
         reopened.close()
+
+
+def test_a_damaged_mirror_file_is_a_clear_error(tmp_path):
+    from shared.cli import CliError
+
+    (tmp_path / DB_NAME).write_bytes(b"garbage " * 100)
+    with pytest.raises(CliError, match="directory mirror") as info:
+        DirectoryMirror(tmp_path / DB_NAME)
+    assert str(tmp_path / DB_NAME) in str(info.value)
