@@ -79,6 +79,31 @@ def register_bytes(
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+def request_bytes(
+    method: str,
+    *,
+    via: str = "SIP/2.0/UDP 127.0.0.1:5062",
+    branch: str | None = None,
+    uri: str = f"sip:{DOMAIN}",
+    call_id: str | None = None,
+    cseq: int = 1,
+    extra: Iterable[tuple[str, str]] = (),
+) -> bytes:
+    """Any other request from a phone (OPTIONS, INVITE, ACK, unknown methods)."""
+    lines = [
+        f"{method} {uri} SIP/2.0",
+        f"Via: {via};branch={branch or new_branch()};rport",
+        "Max-Forwards: 70",
+        f"From: <sip:201@{DOMAIN}>;tag={secrets.token_hex(4)}",
+        f"To: <{uri}>",
+        f"Call-ID: {call_id or secrets.token_hex(8)}",
+        f"CSeq: {cseq} {method}",
+    ]
+    lines += [f"{name}: {value}" for name, value in extra]
+    lines.append("Content-Length: 0")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
 def parse_request(data: bytes) -> SipRequest:
     """Parse and validate as the transport would (Require is left to the registrar)."""
     request = parse_message_untrusted(data)
@@ -118,6 +143,7 @@ class Phone:
     password: str | None = None
     username: str | None = None
     contact: str | None = None
+    host: str = "127.0.0.1"
     port: int = 5062
     transport: str = "UDP"
     domain: str = DOMAIN
@@ -133,7 +159,7 @@ class Phone:
         if self.username is None:
             self.username = self.ext
         if self.contact is None:
-            self.contact = f"sip:{self.ext}@127.0.0.1:{self.port}"
+            self.contact = f"sip:{self.ext}@{self.host}:{self.port}"
 
     def register(
         self,
@@ -174,7 +200,7 @@ class Phone:
                 to_user=to_user,
                 call_id=self.call_id,
                 cseq=self.cseq,
-                via=f"SIP/2.0/{self.transport} 127.0.0.1:{self.port}",
+                via=f"SIP/2.0/{self.transport} {self.host}:{self.port}",
                 expires=expires,
                 authorization=authorization,
                 extra=extra,
