@@ -152,6 +152,12 @@ async def test_remote_host_logs_in_and_mirrors_the_directory(main, tmp_path):
         assert [e.ext for e in remote.mirror.entries()] == ["2002", "2003"]
         assert remote.mirror.entries() == main.store.directory_snapshot("lyon", REALM).entries
 
+        # After the login the remote host reports its LAN and NAT type (F1: the main host
+        # tracks every remote host's NAT type); STUN is unreachable here, so the type says so.
+        await wait_until(lambda: main.host.trunk.online["lyon"].nat_type != "unknown")
+        assert main.office()["nat_type"] == remote.uplink.state.nat_type
+        assert main.office()["lan"] == remote.uplink.state.lan
+
         # Another office's phone does not reach this mirror.
         main.store.add_phone("2101", PASSWORD, REALM)
         await wait_until(lambda: main.office()["directory_acked"] == 4)
@@ -711,3 +717,25 @@ async def test_a_login_replaced_while_it_is_still_being_welcomed_gets_replaced(m
     assert main.office()["online"] is True
     await first.aclose()
     await second.aclose()
+
+
+def test_backoff_delay_is_never_zero_never_over_the_cap():
+    import random
+
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from remotehost.uplink import backoff_delay
+
+    @given(
+        attempt=st.integers(0, 10_000),
+        cap=st.floats(0.01, 1000.0),
+        seed=st.integers(0, 2**32),
+    )
+    def check(attempt: int, cap: float, seed: int) -> None:
+        delay = backoff_delay(attempt, cap, random.Random(seed))
+        assert 0 < delay <= cap
+        # Equal jitter: at least half of the exponential ceiling.
+        assert delay >= min(cap, 0.25 * 2 ** min(attempt, 16)) / 2
+
+    check()
