@@ -120,7 +120,7 @@ class SipService:
         return Registrar(
             verifier=verifier,
             lookup_ha1=self._lookup_ha1,
-            serves_domain=lambda host: host.strip("[]") in self._domains() or host == realm,
+            serves_domain=lambda host: _serves_domain(host, self._domains(), realm),
             location=self.location,
             policy=self._policy,
             server_name=SERVER_NAME,
@@ -346,6 +346,12 @@ class SipService:
             "transport": asdict(transport) if transport else None,
             "transactions": asdict(self.layer.statistics()),
         }
+
+
+def _serves_domain(host: str, domains: set[str], realm: str) -> bool:
+    # RFC 3261 §19.1.4: hosts compare case-insensitively (phones are configured by hand).
+    name = host.strip("[]").lower()
+    return name == realm.lower() or name in {d.strip("[]").lower() for d in domains}
 
 
 def _local_ip_towards(remote_ip: str, bound_ip: str) -> str:

@@ -77,10 +77,11 @@ async def running_service(tmp_path: Path, **options: Any) -> AsyncIterator[Runni
     store = SqliteLocationStore(db)
     clock = WallClock()
     realm = options.pop("realm", lambda: REALM)
+    domains = options.pop("domains", {DOMAIN})
     service = SipService(
         lookup_ha1=directory(),
         realm=realm,
-        domains=lambda: {DOMAIN},
+        domains=lambda: domains,
         location=Location(),
         store=store,
         wall_clock=clock,
@@ -289,6 +290,38 @@ async def test_wrong_domain_is_403(running, udp):
         ext="201", request_uri="sip:paris.example.com", via=f"SIP/2.0/UDP {LOOPBACK}:{udp.port}"
     )
     assert (await udp.request(data)).status == 403
+
+
+async def test_domain_names_compare_case_insensitively(running, udp):
+    # RFC 3261 §19.1.4: the host part of a SIP URI compares case-insensitively.
+    phone = udp.phone("201", domain=DOMAIN.upper())
+    response = await register(udp, phone)
+    assert response.status == 200
+    assert [b.contact for b in running.location.get("201")] == [phone.contact]
+
+
+@pytest.mark.parametrize(
+    ("request_uri", "status"),
+    [
+        ("sip:127.0.0.1", 401),
+        ("sip:[::1]:5060", 401),
+        ("sip:office.example.net", 401),
+        ("sip:OFFICE.example.NET", 401),
+        (f"sip:{REALM}", 401),  # the realm is always one of our domains
+        ("sip:127.0.0.2", 403),
+        ("sip:example.net", 403),
+    ],
+)
+async def test_served_domains(tmp_path, request_uri, status):
+    domains = {"127.0.0.1", "::1", "office.example.net"}
+    async with running_service(tmp_path, domains=domains) as running:
+        udp = UdpClient.open(running.address)
+        try:
+            phone = udp.phone("201")
+            response = await udp.request(phone.register(request_uri=request_uri).encode())
+            assert response.status == status
+        finally:
+            udp.close()
 
 
 async def test_retransmitted_register_is_answered_from_the_transaction(running, udp):
