@@ -40,7 +40,7 @@ from shared.aio.sip_transport import (
     top_via_untrusted,
 )
 from shared.sip.errors import SipParseError
-from shared.sip.framing import FramerEvent, KeepAlivePong, SipStreamFramer
+from shared.sip.framing import FramerEvent, KeepAlivePing, KeepAlivePong, SipStreamFramer
 from shared.sip.headers import parse_via_untrusted
 from shared.sip.message import (
     SipMessage,
@@ -1393,3 +1393,93 @@ async def test_ipv6_loopback_udp_and_tcp(nursery: trio.Nursery, tcp_connect: Tcp
     sources = [source for _, source in recorder.seen]
     assert [s.transport for s in sources] == ["udp", "tcp"]
     assert all(s.remote[0] == "::1" for s in sources)
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: any mix of requests, pings and malformed requests, cut anywhere, on one connection.
+
+STREAM_ITEMS = st.lists(st.sampled_from(["request", "ping", "malformed"]), min_size=1, max_size=8)
+
+
+@settings(max_examples=25, deadline=None)
+@given(items=STREAM_ITEMS, cuts=st.lists(st.integers(1, 400), max_size=20))
+async def test_property_tcp_stream_mix_cut_anywhere(items: list[str], cuts: list[int]) -> None:
+    stream_bytes = b""
+    for i, kind in enumerate(items):
+        if kind == "ping":
+            stream_bytes += b"\r\n\r\n"
+        elif kind == "request":
+            stream_bytes += tcp_request(f"ok-{i}")
+        else:
+            stream_bytes += tcp_request(f"bad-{i}", cseq="1 BYE")
+    pieces: list[bytes] = []
+    rest = stream_bytes
+    for cut in cuts:
+        if not rest:
+            break
+        pieces.append(rest[:cut])
+        rest = rest[cut:]
+    if rest:
+        pieces.append(rest)
+    async with trio.open_nursery() as nursery:
+        server = await start(nursery)
+        stream = await trio.open_tcp_stream(*server.address)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = TcpPeer(stream)
+        for piece in pieces:
+            await peer.send(piece)
+        answers: list[str] = []
+        pongs = 0
+        expected = len(items)
+        while len(answers) + pongs < expected:
+            event = await peer.next_event()
+            if isinstance(event, KeepAlivePong):
+                pongs += 1
+                continue
+            if isinstance(event, KeepAlivePing):
+                pongs += 2  # two pongs in one segment read like a ping: CRLF CRLF
+                continue
+            assert isinstance(event, bytes)
+            response = parse_message_untrusted(event)
+            assert isinstance(response, SipResponse)
+            answers.append(f"{response.status} {response.call_id}")
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+    wanted_ok = [f"200 ok-{i}" for i, kind in enumerate(items) if kind == "request"]
+    wanted_bad = [f"400 bad-{i}" for i, kind in enumerate(items) if kind == "malformed"]
+    # The handler answers in arrival order, and so does the transport for malformed requests;
+    # between the two streams of answers there is no order.
+    assert [a for a in answers if a.startswith("200")] == wanted_ok
+    assert [a for a in answers if a.startswith("400")] == wanted_bad
+    assert pongs == items.count("ping")
+
+
+async def test_several_handler_tasks_overlap(nursery: trio.Nursery, udp_client: UdpClient) -> None:
+    started = 0
+    all_in = trio.Event()
+
+    async def handler(message: SipMessage, source: Source) -> None:
+        nonlocal started
+        started += 1
+        if started == 3:
+            all_in.set()
+        await all_in.wait()  # only returns once three calls run at the same time
+
+    server = await start(nursery, handler, handler_tasks=3)
+    client = await udp_client()
+    for i in range(3):
+        await client.sendto(request_bytes(call_id=f"c{i}"), server.address)
+    with trio.fail_after(GUARD):
+        await all_in.wait()
+    assert server.transport.statistics().received == 3
+
+
+async def test_statistics_are_a_snapshot(nursery: trio.Nursery, udp_client: UdpClient) -> None:
+    server = await start(nursery)
+    before = server.transport.statistics()
+    before.received = 99
+    assert server.transport.statistics().received == 0
+    client = await udp_client()
+    await client.sendto(b"junk", server.address)
+    await wait_until(lambda: server.transport.statistics().dropped_malformed == 1)
+    assert before.dropped_malformed == 0
