@@ -27,7 +27,10 @@ def build_app(host: MainHost) -> FastAPI:
     def require_admin(request: Request) -> None:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), admin_key):
+        # Bytes: compare_digest refuses non-ASCII str, which would make a bad header a 500.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), admin_key.encode()
+        ):
             raise HTTPException(
                 status_code=401,
                 detail="missing or wrong admin key (Authorization: Bearer <DATA/admin.key>)",
