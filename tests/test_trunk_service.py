@@ -739,3 +739,41 @@ def test_backoff_delay_is_never_zero_never_over_the_cap():
         assert delay >= min(cap, 0.25 * 2 ** min(attempt, 16)) / 2
 
     check()
+
+
+# --- the web API's authentication (served by the same MainHost) ---
+
+
+async def http_get(port: int, path: str, authorization: bytes | None) -> tuple[int, bytes]:
+    request = b"GET " + path.encode() + b" HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+    if authorization is not None:
+        request += b"Authorization: " + authorization + b"\r\n"
+    with trio.fail_after(GUARD):
+        stream = await trio.open_tcp_stream(LOOPBACK, port)
+        async with stream:
+            await stream.send_all(request + b"\r\n")
+            data = b""
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+async def test_web_api_needs_the_admin_key(tmp_path):
+    from dataclasses import replace
+
+    from mainhost.config import ApiConfig
+
+    data = tmp_path / "mh"
+    config = replace(make_mainhost_data(data), api=ApiConfig(enabled=True, listen=LOOPBACK, port=0))
+    key = (data / "admin.key").read_text().strip().encode()
+    host = MainHost(data, config)
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(host.serve)
+        port = int(addresses["api"][0].rsplit(":", 1)[1])
+        assert (await http_get(port, "/healthz", None))[0] == 200
+        status, body = await http_get(port, "/api/status", b"Bearer " + key)
+        assert status == 200 and json.loads(body)["running"] is True
+        for bad in (None, b"Bearer wrong", b"Basic " + key, b"Bearer \xc3\xa9\xff", b"Bearer"):
+            assert (await http_get(port, "/api/status", bad))[0] == 401, bad
+        nursery.cancel_scope.cancel()
