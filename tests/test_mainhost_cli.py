@@ -409,8 +409,10 @@ def test_remotehost_join_with_no_main_host_running(tmp_path, data, ports):
 
 
 def test_serve_as_initialised_listens_on_every_port(data, ports):
-    with serving(data):
+    with serving(data) as proc:
         status = json.loads(mainhost("status", "--json", "--data", data).stdout)
+    assert proc.returncode == 0  # SIGINT is a clean shutdown, not a crash
+    assert not (data / "run" / "control.sock").exists()
     assert status["running"] is True
     listening = status["listening"]
     assert listening["trunk"] == f"{LOOPBACK}:{ports.trunk}/tcp"
