@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import random
 import shutil
 import socket
+import struct
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,6 +34,7 @@ from shared.aio.sip_transport import (
     SipTransportError,
     SipTransportOptions,
     Source,
+    _local_ip_of,
     is_stun,
     read_message_untrusted,
     response_destination,
@@ -213,7 +217,9 @@ UDP_SOURCE = Source("udp", ("192.0.2.50", 40000), ("192.0.2.1", 5060))
 )
 def test_response_destination_over_udp(via: str, expected: tuple[str, int]) -> None:
     assert response_destination(parse_via_untrusted(via), UDP_SOURCE) == Destination(
-        "udp", expected
+        "udp",
+        expected,
+        local_ip="192.0.2.1",  # from the address the request came to
     )
 
 
@@ -766,6 +772,52 @@ async def test_a_fixed_port_whose_tcp_twin_is_taken_is_an_error(nursery: trio.Nu
         port = taken.getsockname()[1]
         with pytest.raises(OSError):
             await serve_sip_transports(LOOPBACK, port, Recorder())
+
+
+def test_local_ip_is_read_from_packet_info() -> None:
+    v4 = struct.pack("=I4s4s", 2, bytes([192, 0, 2, 1]), bytes([192, 0, 2, 9]))
+    assert _local_ip_of([(socket.IPPROTO_IP, 8, v4)]) == "192.0.2.9"  # ipi_addr, not spec_dst
+    v6 = ipaddress.ip_address("2001:db8::5").packed + struct.pack("=I", 3)
+    assert _local_ip_of([(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, v6)]) == "2001:db8::5"
+    assert _local_ip_of([(socket.IPPROTO_IP, 8, b"short")]) is None
+    assert _local_ip_of([(socket.SOL_SOCKET, 1, v4)]) is None
+    assert _local_ip_of([]) is None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="packet info is read on Linux only")
+async def test_wildcard_bind_answers_from_the_address_the_request_came_to(
+    nursery: trio.Nursery, udp_client: UdpClient, tcp_connect: TcpConnect
+) -> None:
+    # Bound to every address, but the traffic stays on loopback: 127.0.0.2 is a second local
+    # address there. The kernel alone would answer 127.0.0.1 from 127.0.0.1; RFC 3581 §4
+    # wants the answer from where the request went.
+    recorder = Recorder()
+    address, transport = await nursery.start(partial(serve_sip_transports, "0.0.0.0", 0, recorder))
+    port = address[1]
+    assert address == ("0.0.0.0", port)
+    client = await udp_client()
+    for target in ("127.0.0.2", "127.0.0.1"):
+        await client.sendto(request_bytes(call_id=target), (target, port))
+        data, sender = await receive_datagram(client)
+        assert sender == (target, port)
+        assert b"Call-ID: " + target.encode() in data
+    assert [source.local for _, source in recorder.seen] == [
+        ("127.0.0.2", port),
+        ("127.0.0.1", port),
+    ]
+    # STUN keepalives too, and messages the handler sends back along source.destination.
+    await client.sendto(binding_request(), ("127.0.0.2", port))
+    _, sender = await receive_datagram(client)
+    assert sender == ("127.0.0.2", port)
+    first_source = recorder.seen[0][1]
+    await transport.send(b"NOTIFY-ish", first_source.destination)
+    data, sender = await receive_datagram(client)
+    assert (data, sender) == (b"NOTIFY-ish", ("127.0.0.2", port))
+    # TCP connections know their local address by themselves.
+    peer = await tcp_connect(("127.0.0.2", port))
+    await peer.send(tcp_request())
+    assert (await peer.next_response()).status == 200
+    assert recorder.seen[-1][1].local == ("127.0.0.2", port)
 
 
 async def test_hostnames_are_refused_at_bind() -> None:

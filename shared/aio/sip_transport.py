@@ -39,6 +39,8 @@ import errno
 import ipaddress
 import logging
 import socket
+import struct
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -87,6 +89,13 @@ DEFAULT_SIP_PORT = 5060
 RECEIVE_SIZE = 65536  # a UDP datagram's maximum, so recvfrom never truncates one
 TCP_BACKLOG = 128
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+# Linux packet info: on a wildcard bind, which local address a datagram came to, and which one
+# a reply leaves from (RFC 3581 §4: a response must come from the address the request went to,
+# or the phone's NAT drops it). Python 3.11 lacks the IPv4 name; 8 is its Linux value.
+_IP_PKTINFO: int | None = getattr(socket, "IP_PKTINFO", 8 if sys.platform == "linux" else None)
+_IPV6_RECVPKTINFO: int | None = getattr(socket, "IPV6_RECVPKTINFO", None)
+_IPV6_PKTINFO: int | None = getattr(socket, "IPV6_PKTINFO", None)
+_ANCILLARY_SIZE = 64  # room for one in_pktinfo (12 octets) or in6_pktinfo (20) and headers
 _LOG = logging.getLogger(__name__)
 
 
@@ -172,6 +181,9 @@ class Destination:
     transport: TransportName
     address: Address
     connection: TcpConnection | None = None
+    local_ip: str | None = None
+    """UDP on a wildcard bind: the local address to send from (the one the request came to);
+    None lets the kernel choose."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +194,8 @@ class Source:
     remote: Address
     """The packet's source (ip, port): what `received` / `rport` were filled with."""
     local: Address
-    """The local (ip, port) it arrived on (UDP: the bound address, maybe a wildcard)."""
+    """The local (ip, port) it arrived on; on a wildcard bind the real address where the
+    system tells it (Linux), else the wildcard."""
     connection: TcpConnection | None = None
     """The TCP connection it came over, to send responses back on (RFC 3261 §18.2.2)."""
     endpoint: SipTransport | None = field(default=None, repr=False, compare=False)
@@ -190,8 +203,9 @@ class Source:
 
     @property
     def destination(self) -> Destination:
-        """Straight back to the source (same connection for TCP), ignoring any Via."""
-        return Destination(self.transport, self.remote, self.connection)
+        """Straight back to the source (same connection for TCP, from the same address for
+        UDP), ignoring any Via."""
+        return Destination(self.transport, self.remote, self.connection, self.local[0])
 
     async def reply(self, response: SipResponse) -> None:
         """Send a response to the request that came from here (see `send_response`)."""
@@ -366,13 +380,14 @@ def response_destination(via: Via, source: Source) -> Destination:
     received = via.received
     rport = via.params.get("rport")
     port = via.port or DEFAULT_SIP_PORT
+    local_ip = source.local[0]
     if received is not None:
         if rport and rport.isdigit():
             port = int(rport)
-        return Destination("udp", (received.strip("[]"), port))
+        return Destination("udp", (received.strip("[]"), port), local_ip=local_ip)
     if _ip(via.host) is None:
         raise SipTransportError(f"cannot route a response to the name {via.host!r}")
-    return Destination("udp", (via.host.strip("[]"), port))
+    return Destination("udp", (via.host.strip("[]"), port), local_ip=local_ip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,6 +399,43 @@ def _address(sockaddr: object) -> Address:
     assert isinstance(sockaddr, tuple)
     host = str(sockaddr[0]).partition("%")[0]
     return host, int(sockaddr[1])
+
+
+def _enable_packet_info(udp: trio.socket.SocketType) -> bool:
+    """Ask for the local address of every datagram; False where the system cannot."""
+    try:
+        if udp.family == socket.AF_INET and _IP_PKTINFO is not None:
+            udp.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+        elif udp.family == socket.AF_INET6 and _IPV6_RECVPKTINFO is not None:
+            udp.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVPKTINFO, 1)
+        else:
+            return False
+    except OSError:
+        return False
+    return True
+
+
+def _local_ip_of(ancillary: list[tuple[int, int, bytes]]) -> str | None:
+    """The destination address of a datagram from its IP_PKTINFO / IPV6_PKTINFO."""
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(data) >= 12:
+            # struct in_pktinfo { int ipi_ifindex; in_addr ipi_spec_dst; in_addr ipi_addr; }
+            return socket.inet_ntop(socket.AF_INET, data[8:12])
+        if level == socket.IPPROTO_IPV6 and kind == _IPV6_PKTINFO and len(data) >= 16:
+            # struct in6_pktinfo { in6_addr ipi6_addr; int ipi6_ifindex; }
+            return socket.inet_ntop(socket.AF_INET6, data[:16])
+    return None
+
+
+def _source_address_option(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> list[tuple[int, int, bytes]]:
+    """The ancillary data that makes the kernel send from `ip`."""
+    if ip.version == 4 and _IP_PKTINFO is not None:
+        return [(socket.IPPROTO_IP, _IP_PKTINFO, struct.pack("=I4s4s", 0, ip.packed, bytes(4)))]
+    if ip.version == 6 and _IPV6_PKTINFO is not None:
+        return [(socket.IPPROTO_IPV6, _IPV6_PKTINFO, ip.packed + struct.pack("=I", 0))]
+    return []
 
 
 class TcpConnection:
@@ -455,10 +507,13 @@ class SipTransport:
         limits: SipLimits,
         options: SipTransportOptions,
         log: logging.Logger,
+        *,
+        packet_info: bool = False,
     ) -> None:
         self.address = address
         """The bound (host, port), the same for UDP and TCP."""
         self._udp = udp
+        self._packet_info = packet_info
         self._queue = queue
         self._limits = limits
         self._options = options
@@ -488,7 +543,7 @@ class SipTransport:
             if self._closed:
                 raise SipTransportError("the SIP transport is closed")
             if destination.transport == "udp":
-                await self._send_udp(data, destination.address)
+                await self._send_udp(data, destination.address, destination.local_ip)
             else:
                 connection = destination.connection
                 if connection is None or not connection.is_open:
@@ -522,15 +577,19 @@ class SipTransport:
             raise SipTransportError(f"cannot route a response: {exc.reason}") from None
         await self.send(response.encode(), response_destination(via, source))
 
-    async def _send_udp(self, data: bytes, address: Address) -> None:
+    async def _send_udp(self, data: bytes, address: Address, local_ip: str | None) -> None:
         host, port = address
         ip = _ip(host)
         if ip is None or not 0 < port < 65536:
             raise SipTransportError(f"not an IP address and port: {host!r} {port!r}")
         if (ip.version == 6) != (self._udp.family == socket.AF_INET6):
             raise SipTransportError(f"cannot reach {_show(address)} from {_show(self.address)}")
+        local = _ip(local_ip) if local_ip is not None and self._packet_info else None
         try:
-            await self._udp.sendto(data, (str(ip), port))
+            if local is None or local.is_unspecified or local.version != ip.version:
+                await self._udp.sendto(data, (str(ip), port))
+            else:
+                await self._udp.sendmsg([data], _source_address_option(local), 0, (str(ip), port))
         except OSError as exc:
             raise SipTransportError(f"UDP send to {_show(address)} failed: {exc}") from None
 
@@ -539,10 +598,15 @@ class SipTransport:
     async def _receive_udp(self) -> None:
         udp = self._udp
         stats = self._stats
-        local = self.address
+        bound_ip, port = self.address
         while True:
+            local_ip = bound_ip
             try:
-                data, sockaddr = await udp.recvfrom(RECEIVE_SIZE)
+                if self._packet_info:
+                    data, ancillary, _, sockaddr = await udp.recvmsg(RECEIVE_SIZE, _ANCILLARY_SIZE)
+                    local_ip = _local_ip_of(ancillary) or bound_ip
+                else:
+                    data, sockaddr = await udp.recvfrom(RECEIVE_SIZE)
             except (ConnectionResetError, ConnectionRefusedError):
                 # An ICMP error for an earlier send, reported here by some systems.
                 continue
@@ -551,10 +615,10 @@ class SipTransport:
             if is_datagram_keepalive(data):
                 stats.keepalives += 1
                 continue
+            source = Source("udp", remote, (local_ip, port), None, self)
             if is_stun(data):
-                await self._answer_stun(data, remote)
+                await self._answer_stun(data, source)
                 continue
-            source = Source("udp", remote, local, None, self)
             inbound = read_message_untrusted(
                 data, remote, limits=self._limits, options=self._options
             )
@@ -569,14 +633,14 @@ class SipTransport:
             else:
                 stats.received += 1
 
-    async def _answer_stun(self, data: bytes, remote: Address) -> None:
-        reply = stun_reply_untrusted(data, remote)
+    async def _answer_stun(self, data: bytes, source: Source) -> None:
+        reply = stun_reply_untrusted(data, source.remote)
         if reply is None:
             self._stats.dropped_malformed += 1
             return
         self._stats.keepalives += 1
         try:
-            await self.send(reply, Destination("udp", remote))
+            await self.send(reply, source.destination)
         except SipTransportError as exc:
             self._log.debug("could not answer a STUN keepalive: %s", exc)
 
@@ -779,10 +843,14 @@ async def serve_sip_transports(
     """
     udp, tcp = await _bind(host, port, options.bind_attempts)
     address = _address(udp.getsockname())
+    wildcard = ipaddress.ip_address(host).is_unspecified
+    packet_info = wildcard and _enable_packet_info(udp)
     send_queue, receive_queue = trio.open_memory_channel[tuple[SipMessage, Source]](
         max(0, options.queue_size)
     )
-    transport = SipTransport(udp, address, send_queue, limits, options, log)
+    transport = SipTransport(
+        udp, address, send_queue, limits, options, log, packet_info=packet_info
+    )
     try:
         async with trio.open_nursery() as nursery:
             async with receive_queue:
