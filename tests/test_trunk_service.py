@@ -777,3 +777,122 @@ async def test_web_api_needs_the_admin_key(tmp_path):
         for bad in (None, b"Bearer wrong", b"Basic " + key, b"Bearer \xc3\xa9\xff", b"Bearer"):
             assert (await http_get(port, "/api/status", bad))[0] == 401, bad
         nursery.cancel_scope.cancel()
+
+
+# --- the trio adapter alone (shared.aio.trunk), over in-memory streams, on a mock clock ---
+
+
+def session_pair_over(
+    client_stream: trio.abc.Stream, server_stream: trio.abc.Stream
+) -> tuple[Any, Any]:
+    from shared.aio.trunk import TrunkConnection
+    from shared.wire.session import TrunkSession
+
+    now = trio.current_time()
+    secret = b"k" * 32
+    client = TrunkSession.client(
+        now, office="lyon", secret=secret, client_nonce=b"c" * 32, software="test"
+    )
+    server = TrunkSession.server(
+        now, nonce=b"n" * 32, software="test", heartbeat_interval=1.0, dead_after=4.0
+    )
+    return TrunkConnection(client_stream, client), TrunkConnection(server_stream, server)
+
+
+async def serve_side(conn: Any, events: list[Any], secret: bytes = b"k" * 32) -> None:
+    from shared.wire.session import LoginAttempt
+
+    while True:
+        event = await conn.next_event()
+        events.append(event)
+        if isinstance(event, LoginAttempt):
+            conn.session.complete_login(
+                secret, now=trio.current_time(), public_ip="192.0.2.1", public_port=1, session="s"
+            )
+        if isinstance(event, Closed):
+            return
+
+
+async def test_adapter_keeps_a_quiet_session_alive_with_heartbeats(autojump_clock):
+    from trio.testing import memory_stream_pair
+
+    client_stream, server_stream = memory_stream_pair()
+    client, server = session_pair_over(client_stream, server_stream)
+    client_events: list[Any] = []
+    server_events: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_side, server, server_events)
+        nursery.start_soon(serve_side, client, client_events)
+        await trio.sleep(600)  # ten quiet minutes of mock time: heartbeats only
+        assert any(isinstance(e, LoggedIn) for e in client_events)
+        assert not any(isinstance(e, Closed) for e in client_events + server_events)
+        await client.aclose()
+    closed = [e for e in server_events if isinstance(e, Closed)]
+    assert closed and closed[0].code == ErrorCode.SHUTDOWN and closed[0].by_peer
+
+
+async def test_adapter_declares_a_silent_peer_dead(autojump_clock):
+    from trio.testing import memory_stream_pair
+
+    client_stream, server_stream = memory_stream_pair()
+    client, server = session_pair_over(client_stream, server_stream)
+    server_events: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_side, server, server_events)
+        with trio.fail_after(GUARD):
+            while not isinstance(await client.next_event(), LoggedIn):
+                pass
+        # The client stops reading and sending (a pulled cable): the server must notice.
+        await wait_until(lambda: any(isinstance(e, Closed) for e in server_events))
+    (closed,) = [e for e in server_events if isinstance(e, Closed)]
+    assert closed.code == ErrorCode.TIMEOUT and not closed.by_peer
+
+
+async def test_adapter_send_to_a_peer_that_never_reads_is_connection_lost(autojump_clock):
+    from trio.testing import lockstep_stream_pair
+
+    from shared.aio.trunk import ConnectionLost
+
+    client_stream, server_stream = lockstep_stream_pair()
+    client, server = session_pair_over(client_stream, server_stream)
+    events: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_side, server, events)
+        with trio.fail_after(GUARD):
+            while not isinstance(await client.next_event(), LoggedIn):
+                pass
+        nursery.cancel_scope.cancel()  # nobody reads the server side any more
+    with pytest.raises(ConnectionLost, match="timed out"), trio.fail_after(GUARD):
+        for _ in range(1000):
+            await client.send(DirectoryAck(1))
+
+
+async def test_adapter_send_before_login_and_after_close(autojump_clock):
+    from trio.testing import memory_stream_pair
+
+    from shared.aio.trunk import ConnectionLost
+
+    client_stream, server_stream = memory_stream_pair()
+    client, _server = session_pair_over(client_stream, server_stream)
+    with pytest.raises(ConnectionLost, match="not established"):
+        await client.send(DirectoryAck(1))
+    await client.aclose()
+    await client.aclose()  # twice is harmless
+    with pytest.raises(ConnectionLost):
+        await client.send(DirectoryAck(1))
+
+
+async def test_adapter_peer_hangs_up(autojump_clock):
+    from trio.testing import memory_stream_pair
+
+    client_stream, server_stream = memory_stream_pair()
+    client, server = session_pair_over(client_stream, server_stream)
+    events: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_side, server, events)
+        with trio.fail_after(GUARD):
+            while not isinstance(await client.next_event(), LoggedIn):
+                pass
+        await client_stream.aclose()  # the TCP connection goes away without a Close frame
+    closed = events[-1]
+    assert isinstance(closed, Closed) and closed.by_peer
