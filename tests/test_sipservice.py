@@ -7,6 +7,7 @@ limits are hang guards only: every wait is for an event (an answer, a counter, a
 
 from __future__ import annotations
 
+import random
 import socket
 import sqlite3
 from collections.abc import AsyncIterator, Callable
@@ -154,12 +155,14 @@ class UdpClient:
         return False
 
     async def request(self, data: bytes) -> SipResponse:
-        """Send a request; return its final response (provisional ones are skipped)."""
+        """Send a request; return its final response (provisional ones, and responses to
+        other requests, are skipped)."""
+        branch = parse_message_untrusted(data).branch
         await self.send(data)
         while True:
             response = await self.receive()
             assert isinstance(response, SipResponse)
-            if response.status >= 200:
+            if response.branch == branch and response.status >= 200:
                 return response
 
 
@@ -194,12 +197,14 @@ class TcpClient:
                     self.framer.receive_data(data)
 
     async def request(self, data: bytes) -> SipResponse:
-        """Send a request; return its final response (provisional ones are skipped)."""
+        """Send a request; return its final response (provisional ones, and responses to
+        other requests, are skipped)."""
+        branch = parse_message_untrusted(data).branch
         await self.send(data)
         while True:
             response = await self.receive()
             assert isinstance(response, SipResponse)
-            if response.status >= 200:
+            if response.branch == branch and response.status >= 200:
                 return response
 
 
@@ -356,6 +361,79 @@ async def test_a_new_realm_gets_new_challenges(tmp_path):
             assert [c.realm for c in challenges_of(response)] == ["renamed.example.com"]
         finally:
             client.close()
+
+
+class TerribleLink:
+    """A phone's UDP path that drops, duplicates and delays (reorders) what it carries, with a
+    seed; the phone retransmits as RFC 3261 §17.1.2.2 says (Timer E, here short)."""
+
+    def __init__(self, client: UdpClient, seed: int) -> None:
+        self.client = client
+        self.rng = random.Random(seed)
+        self.delivered: set[str] = set()  # branches of which at least one copy arrived
+        self.late: list[bytes] = []  # copies held back, sent after a later request
+
+    async def transact(self, data: bytes) -> SipResponse:
+        request = parse_message_untrusted(data)
+        assert isinstance(request, SipRequest)
+        with trio.fail_after(GUARD):
+            while True:
+                for _ in range(self.rng.choice([0, 1, 1, 2])):
+                    if self.rng.random() < 0.2:
+                        self.late.append(data)
+                    else:
+                        self.delivered.add(request.branch or "")
+                        await self.client.send(data)
+                with trio.move_on_after(0.05):  # the retransmission interval, not a limit
+                    while True:
+                        response = await self.client.receive()
+                        assert isinstance(response, SipResponse)
+                        if (
+                            response.branch == request.branch
+                            and response.status >= 200
+                            and self.rng.random() > 0.3  # the answer may be lost too
+                        ):
+                            await self.release_late()
+                            return response
+
+    async def release_late(self) -> None:
+        for data in self.late:
+            parsed = parse_message_untrusted(data)
+            self.delivered.add(parsed.branch or "")
+            await self.client.send(data)
+        self.late.clear()
+
+    async def register(self, phone: Phone, **kwargs: Any) -> SipResponse:
+        response = await self.transact(phone.register(**kwargs).encode())
+        if response.status == 401:
+            phone.learn(response)
+            response = await self.transact(phone.register(**kwargs).encode())
+        return response
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_registration_over_a_terrible_network(running, udp, seed):
+    link = TerribleLink(udp, seed)
+    phone = udp.phone("201")
+    response = await link.register(phone, expires=600)
+    assert response.status == 200
+    assert contact_expiries(response) == {phone.contact: 600}
+    for _ in range(3):
+        running.clock.now += 100
+        response = await link.register(phone, expires=600)
+        assert (response.status, contact_expiries(response)) == (200, {phone.contact: 600})
+        [binding] = running.location.get("201")
+        assert binding.expires_at == running.clock.now + 600
+    response = await link.register(phone, expires=0)
+    assert (response.status, response.contacts) == (200, [])
+    await link.release_late()
+    # Late copies of old requests are absorbed by their transactions (handled in order, so
+    # when this OPTIONS is answered they were): nothing changed, and the registrar ran once
+    # per request that arrived, however many copies of it did.
+    options = await udp.request(request_bytes("OPTIONS", via=via_of(udp)))
+    assert options.status == 200
+    assert running.location.get("201") == []
+    assert running.service.registrar.stats.registers == len(link.delivered)
 
 
 # -- other methods --------------------------------------------------------------------------------
