@@ -387,7 +387,9 @@ class Phone:
         server: Address | None,
         local_ip: str,
         register_expires: int,
+        register_timeout: float = GUARD,
     ) -> None:
+        self.register_timeout = register_timeout
         self.ext = ext
         self.password = password
         self.server = server
@@ -585,7 +587,7 @@ class Phone:
             raise PhoneError("no server to register with")
         waiter = self._registration
         await self._do(lambda now: self.ua.register(now, expires))
-        with trio.move_on_after(GUARD) as scope:
+        with trio.move_on_after(self.register_timeout) as scope:
             await waiter.wait()
         if scope.cancelled_caught:
             raise PhoneError(
@@ -666,6 +668,7 @@ async def open_phone(
     sip_port: int = 0,
     register: bool = True,
     register_expires: int = 300,
+    register_timeout: float = GUARD,
 ) -> AsyncIterator[Phone]:
     """A running phone; registered first when a `server` is given (and `register`).
 
@@ -679,6 +682,7 @@ async def open_phone(
         server=address,
         local_ip=local_ip,
         register_expires=register_expires,
+        register_timeout=register_timeout,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(phone._serve, sip_port)
