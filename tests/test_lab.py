@@ -677,6 +677,11 @@ if sys.argv[2] == "sigkill":
     os.kill(os.getpid(), signal.SIGKILL)
 elif sys.argv[2] == "wait":
     sys.stdin.read()
+elif sys.argv[2] == "read":  # SIGTERM comes while we read a pipe destroy() wants to close
+    quiet = lab.popen(lab.main_ns, ["sleep", "600"], stdout=subprocess.PIPE)
+    quiet.stdout.readline()
+elif sys.argv[2] == "hand-over":  # the lab outlives us, owned by our parent
+    lab.detach(owner_pid=os.getppid())
 """
 
 # A program with its own SIGTERM handler set before the lab: the lab's handler chains to it.
@@ -709,12 +714,12 @@ def run_child(mode: str) -> tuple[subprocess.Popen[str], str]:
 
 
 @pytest.mark.lab
-@pytest.mark.parametrize("mode", ["exit", "sigterm"])
+@pytest.mark.parametrize("mode", ["exit", "wait", "read"])
 def test_labs_are_destroyed_when_their_process_exits_or_gets_sigterm(mode: str) -> None:
     require_lab()
-    child, lab_id = run_child(mode if mode == "exit" else "wait")
+    child, lab_id = run_child(mode)
     try:
-        if mode == "sigterm":
+        if mode != "exit":
             assert len(lab_namespaces(lab_id)) == 4
             child.send_signal(signal.SIGTERM)
         assert child.wait(timeout=20) == (0 if mode == "exit" else -signal.SIGTERM)
@@ -747,6 +752,31 @@ def test_sigterm_destroys_the_lab_then_runs_the_programs_own_handler() -> None:
         child.kill()
         child.communicate()
         netlab.destroy_lab(lab_id)
+
+
+@pytest.mark.lab
+def test_a_detached_lab_outlives_its_process_until_its_owner_is_gone(
+    lab_factory: LabFactory,
+) -> None:
+    child, lab_id = run_child("hand-over")
+    try:
+        assert child.wait(timeout=20) == 0
+        child.communicate()
+        assert len(lab_namespaces(lab_id)) == 4, "detached: not destroyed at exit"
+        record = next(r for r in netlab.list_labs() if r.id == lab_id)
+        assert record.alive and not record.persistent and record.pid == os.getpid()
+        assert lab_id not in netlab.cleanup_stale()
+        assert "kept while process" in netlab.Lab.load(lab_id).describe()
+    finally:
+        netlab.destroy_lab(lab_id)
+    lab = lab_factory()
+    lab.detach()
+    record = next(r for r in netlab.list_labs() if r.id == lab.id)
+    assert record.alive and record.persistent and record.pid is None
+    assert lab.id not in netlab.cleanup_stale(), "a lab left up by `lab up` is never stale"
+    assert "kept until `lab down`" in lab.describe()
+    with pytest.raises(netlab.LabError, match="no process"):
+        lab.detach(owner_pid=child.pid)
 
 
 @pytest.mark.lab
@@ -784,14 +814,18 @@ def test_lab_command_builds_steers_and_removes_a_lab_that_outlives_it() -> None:
     require_lab()
     lab_id = None
     try:
-        out = lab_cli("up", "--offices", "2", "--symmetric", "2", "--hosts", "rh,phone1")
-        match = re.search(r"^lab ([0-9a-f]{6}) \(kept", out, re.MULTILINE)
+        # Owned by this test process, so a killed test run leaves no lab for long: the next
+        # run's cleanup_stale() removes it. `lab up` without --owner is tested by the library.
+        out = lab_cli("up", "--offices", "2", "--symmetric", "2", "--hosts", "rh,phone1",
+                      "--owner", str(os.getpid()))  # fmt: skip
+        match = re.search(r"^lab ([0-9a-f]{6}) \(kept while process (\d+)", out, re.MULTILINE)
         assert match, out
         lab_id = match.group(1)
+        assert int(match.group(2)) == os.getpid()
         assert f"bpx{lab_id}-o2-phone1" in out and "ip netns exec" in out
         assert len(lab_namespaces(lab_id)) == 2 + 2 * 3, "the lab outlives `lab up`"
-        assert f"{lab_id}  up (lab up)" in lab_cli("list")
-        assert lab_id not in netlab.cleanup_stale(), "a lab left up is not stale"
+        assert f"{lab_id}  owned by pid {os.getpid()}" in lab_cli("list")
+        assert lab_id not in netlab.cleanup_stale(), "its owner runs: not stale"
 
         lab_cli("cut", "1", "--lab", lab_id)
         assert netlab.Lab.load(lab_id).office(1).wan_is_cut()
@@ -805,6 +839,7 @@ def test_lab_command_builds_steers_and_removes_a_lab_that_outlives_it() -> None:
         assert "30 % loss" in lab_cli("show", "--lab", lab_id)
         assert "no office" in lab_cli("cut", "7", "--lab", lab_id, ok=False)
 
+        assert netlab.Lab.load(lab_id).owner_pid == os.getpid(), "changes keep the owner"
         lab_cli("down", lab_id)
         assert lab_namespaces(lab_id) == []
         assert lab_id not in lab_cli("list")

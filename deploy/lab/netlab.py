@@ -45,7 +45,8 @@ API
       .run(ns, argv, **kw) -> CompletedProcess, .popen(ns, argv, **kw) -> Popen  (`ip netns
         exec`; keyword arguments go to subprocess; `ns` must be one of this lab's namespaces),
         .exec_argv(ns, argv) -> list[str] (the same command line, for trio.run_process),
-      .destroy() (idempotent), .detach() (keep it after this process exits: `lab up`),
+      .destroy() (idempotent), .detach(owner_pid=None) (keep it after this process exits, for
+        `lab up`; with owner_pid, until that process is gone), .persistent, .owner_pid,
       .describe() -> str (the table `lab up` prints), Lab.load(id) (a lab from the registry).
     Office: .index, .name ("o<k>"), .router_ns, .public_address, .lan_subnet,
       .router_lan_address, .symmetric, .hosts, .host(name), .add_host(name) -> Host,
@@ -507,10 +508,11 @@ class Lab:
         self.id = lab_id
         self.different_subnets = different_subnets
         self.persistent = False
+        self.owner_pid: int | None = os.getpid()  # None once detached for good
+        self._owner_start = _process_start(os.getpid())
         self.offices: list[Office] = []
         self._procs: list[subprocess.Popen[Any]] = []
         self._destroyed = False
-        self._owner = True
         # Registered before the first namespace exists, so nothing is ever left unaccounted for.
         _LIVE[self.id] = self
         _install_exit_hooks()
@@ -642,8 +644,8 @@ class Lab:
         return {
             "id": self.id,
             "persistent": self.persistent,
-            "pid": None if self.persistent else os.getpid(),
-            "pid_start": None if self.persistent else _process_start(os.getpid()),
+            "pid": self.owner_pid,
+            "pid_start": self._owner_start,
             "different_subnets": self.different_subnets,
             "offices": [
                 {
@@ -677,10 +679,12 @@ class Lab:
         lab.id = lab_id
         lab.different_subnets = bool(desc.get("different_subnets"))
         lab.persistent = bool(desc.get("persistent"))
+        pid, start = desc.get("pid"), desc.get("pid_start")
+        lab.owner_pid = pid if isinstance(pid, int) else None
+        lab._owner_start = start if isinstance(start, str) else None
         lab.offices = []
         lab._procs = []
         lab._destroyed = False
-        lab._owner = False
         try:
             for o in desc["offices"]:
                 office = Office(lab, int(o["index"]), bool(o["symmetric"]), str(o["lan_subnet"]),
@@ -694,28 +698,42 @@ class Lab:
             raise LabError(f"registry entry {lab_id}.json is damaged: {exc!r}") from exc
         return lab
 
-    def detach(self) -> None:
-        """Keep this lab after this process exits (for `lab up`); `lab down` removes it."""
-        self.persistent = True
-        self._owner = False
+    def detach(self, owner_pid: int | None = None) -> None:
+        """Keep this lab after this process exits (for `lab up`); `lab down` removes it.
+
+        With `owner_pid` the lab lives as long as that process instead: once it is gone the
+        lab is stale and `cleanup_stale()` removes it (a test driving `lab up` passes its pid).
+        """
+        start = None if owner_pid is None else _process_start(owner_pid)
+        if owner_pid is not None and start is None:
+            raise LabError(f"no process {owner_pid} to own lab {self.id}")
+        self.persistent = owner_pid is None
+        self.owner_pid, self._owner_start = owner_pid, start
         _LIVE.pop(self.id, None)
         self.save()
 
     # -- teardown --
 
     def destroy(self) -> None:
-        """Kill processes, delete all namespaces and the registry entry. Idempotent."""
-        _LIVE.pop(self.id, None)
+        """Kill processes, delete all namespaces and the registry entry. Idempotent.
+
+        Safe from a signal handler: namespaces go first, and closing a pipe the interrupted
+        code was reading (a RuntimeError: reentrant call) is skipped.
+        """
         for proc in self._procs:
             if proc.poll() is None:
-                proc.kill()
+                with contextlib.suppress(OSError):
+                    proc.kill()
+        destroy_lab(self.id)
+        _LIVE.pop(self.id, None)
+        self._destroyed = True
+        for proc in self._procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
+                proc.wait(timeout=2)
             for pipe in (proc.stdin, proc.stdout, proc.stderr):
                 if pipe is not None:
-                    pipe.close()
-        destroy_lab(self.id)
-        self._destroyed = True
+                    with contextlib.suppress(OSError, RuntimeError):
+                        pipe.close()
 
     def __enter__(self) -> Lab:
         return self
@@ -737,7 +755,13 @@ class Lab:
             rows.append((f"{o.name} router", o.router_ns, detail))
             rows += [(f"{o.name} {h.name}", h.ns, h.address) for h in o.hosts]
         width = [max(len(r[i]) for r in rows) for i in range(2)]
-        lines = [f"lab {self.id}" + (" (kept until `lab down`)" if self.persistent else "")]
+        if self.persistent:
+            kept = " (kept until `lab down`)"
+        elif _LIVE.get(self.id) is not self:  # not ours to destroy at exit
+            kept = f" (kept while process {self.owner_pid} runs)"
+        else:
+            kept = ""
+        lines = [f"lab {self.id}{kept}"]
         lines += [f"  {a:<{width[0]}}  {b:<{width[1]}}  {c}" for a, b, c in rows]
         lines.append(f"enter one with: ip netns exec {self.main_ns} bash")
         return "\n".join(lines)
@@ -753,8 +777,11 @@ _previous_sigterm: Callable[[int, FrameType | None], Any] | int | None = None
 
 def _destroy_live() -> None:
     for lab in list(_LIVE.values()):
-        with contextlib.suppress(Exception):
+        try:
             lab.destroy()
+        except Exception:
+            with contextlib.suppress(Exception):
+                destroy_lab(lab.id)
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
