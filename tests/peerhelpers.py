@@ -542,28 +542,29 @@ def start_sipp(
     *,
     local_ip: str = LOOPBACK,
     local_port: int,
-    calls: int = 1,
+    calls: int | None = 1,
     timeout: float = 30.0,
     extra: Sequence[str] = (),
-) -> tuple[subprocess.Popen[str], Path]:
-    """Start a SIPp UAS in the background; returns the process and its message trace's path."""
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start a SIPp UAS in the background; returns the process and its message trace's path.
+
+    The caller stops it (`stop_process`), also when its test fails.
+    """
     sipp = peer_binary("sipp")
     path = Path(scenario) if os.sep in str(scenario) else SIPP_DIR / scenario
     workdir.mkdir(parents=True, exist_ok=True)
     trace = workdir / f"sipp-uas-{local_port}-{time.monotonic_ns()}.messages"
     argv = [sipp, "-sf", str(path), "-t", "u1", "-i", local_ip, "-bind_local"]
-    argv += ["-p", str(local_port)]
-    argv += ["-m", str(calls), "-timeout", f"{timeout:g}s", "-timeout_error"]
+    argv += ["-p", str(local_port), "-timeout", f"{timeout:g}s", "-timeout_error"]
+    if calls is not None:  # None: until stopped
+        argv += ["-m", str(calls)]
     argv += ["-trace_msg", "-message_file", str(trace), "-nostdin", *extra]
-    process = subprocess.Popen(
-        argv,
-        cwd=workdir,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-    )
+    with trace.with_suffix(".screen").open("wb") as screen:
+        # A file, not a pipe: nobody reads SIPp's screen while it runs, and a full pipe
+        # would stop it.
+        process = subprocess.Popen(
+            argv, cwd=workdir, stdin=subprocess.DEVNULL, stdout=screen, stderr=subprocess.STDOUT
+        )
     return process, trace
 
 

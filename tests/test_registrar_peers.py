@@ -16,12 +16,15 @@ them): a skip would hide a broken CI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import selectors
 import signal
 import socket
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from typing import Any
 import pytest
 
 from tests.peerhelpers import (
+    GUARD,
     LOOPBACK,
     MissingPeer,
     Office,
@@ -39,6 +43,7 @@ from tests.peerhelpers import (
     open_office,
     peer_binary,
     run_sipp,
+    start_sipp,
     stop_process,
     wait_for,
 )
@@ -329,3 +334,405 @@ def test_baresip_registers_refreshes_and_unregisters(office: Office, tmp_path: P
         assert remote_cli == [] and main_cli == []
     finally:
         phone.stop()
+
+
+# --- 3. sipvicious: no extension list, password guessing blocked ----------------------------
+
+
+@pytest.mark.parametrize("method", ["REGISTER", "INVITE"])
+def test_svwar_finds_no_extensions(office: Office, method):
+    svwar = need("svwar")
+    before = office.sip_stats()["service"]["registrar"]
+    argv = [svwar, "-e2000-2010", "-m", method, "-p", str(office.sip_port)]
+    argv += ["-P", str(free_sip_port()), "--maximumtime", "5", LOOPBACK]
+    result = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert "found nothing" in output, output
+    # svwar prints a table row per extension it found: there must be none, although
+    # 2001-2010 exist and 2000 does not (the registrar answers both alike).
+    assert not re.search(r"^\|\s*20\d\d\s*\|", output, re.M), output
+    # Asking without credentials is no failed authentication: nothing to block.
+    after = office.sip_stats()["service"]["registrar"]
+    assert after["auth_failures"] == before["auth_failures"]
+
+
+def test_svcrack_is_blocked_and_other_sources_still_register(tmp_path: Path):
+    svcrack = need("svcrack")
+    need("sipp")
+    # Its own office: the block of 127.0.0.1 lasts minutes (sipvicious 0.3 ignores -b and
+    # always sends from 127.0.0.1 here).
+    with open_office(tmp_path / "office", PHONES) as office:
+        # The right password comes 9th: only the block keeps svcrack from finding it.
+        words = [f"wrong-{i}" for i in range(1, 9)] + [PHONES["2001"]]
+        words += [f"wrong-{i}" for i in range(9, 13)]
+        wordlist = tmp_path / "words.txt"
+        wordlist.write_text("\n".join(words) + "\n")
+        argv = [svcrack, "-u2001", "-d", str(wordlist), "-p", str(office.sip_port)]
+        argv += ["-P", str(free_sip_port()), "--maximumtime", "3", LOOPBACK]
+        result = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        output = result.stdout + result.stderr
+        assert PHONES["2001"] not in output, output
+        assert "found nothing" in output, output
+        assert "since we last received a response" in output, output
+        stats = office.sip_stats()["service"]
+        registrar = stats["registrar"]
+        assert registrar["auth_failures"] == 5  # RegistrarPolicy.failures_before_block
+        assert registrar["blocked_sources"] == 1
+        assert registrar["accepted"] == 0
+        assert stats["blocked_drops"] > 0  # svcrack's later guesses, dropped unanswered
+        remote_cli = office.remote_status_cli()
+        assert remote_cli["sip"]["service"]["blocked_drops"] >= stats["blocked_drops"]
+        assert remote_cli["registrations"] == []
+
+        # The blocked address gets no answer at all, even with the right password ...
+        blocked, _ = register(office, tmp_path / "blocked", "2001", timeout=3.0)
+        assert blocked.returncode != 0
+        assert blocked.received() == []
+        # ... while a phone at another address registers as usual.
+        run, port = register(office, tmp_path / "other", "2005", local_ip="127.0.0.2")
+        assert run.ok, run.output[-2000:]
+        remote, main = wait_registered(office, "2005", contact_of("2005", port, ip="127.0.0.2"))
+        assert remote["source"] == f"udp:127.0.0.2:{port}"
+        assert main["source"] == remote["source"]
+        assert office.registrations("2001") == []
+
+
+# --- 4. registrations survive a restart of the remote host ----------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_registration_survives_remote_host_restart(office: Office, tmp_path: Path, sig):
+    run, port = register(office, tmp_path, "2003")
+    assert run.ok, run.output[-2000:]
+    contact = contact_of("2003", port)
+    wait_registered(office, "2003", contact)
+    if sig == signal.SIGKILL:
+        # A crash loses only what the batch writer had not saved yet: wait until it has.
+        wait_for(
+            lambda: [b for b in office.stored_bindings("2003") if b["contact"] == contact],
+            "the binding in location.db",
+        )
+    office.stop_remote(sig)
+    # The main host saw the office go and forgot its registrations with it.
+    wait_for(lambda: not office.office_entry()["online"], "the office offline")
+    assert office.main_registrations("2003") == []
+    office.start_remote()
+    remote, main = wait_registered(office, "2003", contact)
+    assert remote["user_agent"] == main["user_agent"] == "SIPp"
+    assert 0 < remote["expires_in"] <= 300
+    remote_cli, main_cli = cli_registrations(office, "2003")
+    assert contact in [r["contact"] for r in remote_cli]
+    assert contact in [r["contact"] for r in main_cli]
+
+
+# --- 5. contacts that stop answering OPTIONS are unreachable -------------------------------
+
+
+def test_unanswered_keepalives_mark_the_contact_unreachable(office: Office, tmp_path: Path):
+    run, port = register(office, tmp_path, "2004")
+    assert run.ok, run.output[-2000:]
+    contact = contact_of("2004", port)
+    wait_registered(office, "2004", contact)
+
+    def reachable(regs: list[dict[str, Any]]) -> bool | None:
+        binding = _with_contact(regs, contact)
+        return None if binding is None else bool(binding["reachable"])
+
+    # SIPp has exited: nobody answers the OPTIONS pings sent every second.
+    wait_for(lambda: reachable(office.registrations("2004")) is False, "unreachable")
+    wait_for(lambda: reachable(office.main_registrations("2004")) is False, "main: unreachable")
+    remote_cli, main_cli = cli_registrations(office, "2004")
+    assert [r["reachable"] for r in remote_cli if r["contact"] == contact] == [False]
+    assert [r["reachable"] for r in main_cli if r["contact"] == contact] == [False]
+
+    # A SIPp UAS on the contact's port answers them: reachable again, and it stays so while
+    # it answers three rounds of pings. (It also answers retransmissions of the earlier,
+    # unanswered pings; those count for nothing: their rounds are over.)
+    before: int = office.sip_stats()["service"]["pings_answered"]
+    uas, trace = start_sipp("options_answer.xml", tmp_path / "uas", local_port=port, calls=None)
+    samples: list[bool | None] = []
+
+    def three_rounds_answered() -> bool:
+        samples.append(reachable(office.registrations("2004")))
+        answered: int = office.sip_stats()["service"]["pings_answered"]
+        return answered >= before + 3
+
+    try:
+        wait_for(lambda: reachable(office.registrations("2004")), "reachable again")
+        wait_for(three_rounds_answered, "three answered rounds of pings", interval=0.2)
+    finally:
+        stop_process(uas)
+    assert samples and all(samples), samples
+    assert trace.read_text(errors="replace").count("SIP/2.0 200 OK") >= 3
+    wait_for(lambda: reachable(office.main_registrations("2004")), "main: reachable again")
+    remote_cli, main_cli = cli_registrations(office, "2004")
+    assert [r["reachable"] for r in main_cli if r["contact"] == contact] == [True]
+
+
+# --- 6. what the remote host answers besides REGISTER ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("scenario", "status", "counter"),
+    [
+        ("options_allow.xml", 200, "options_answered"),
+        ("invite_405.xml", 405, "not_allowed"),
+        ("unknown_method.xml", 501, "not_implemented"),
+        ("register_foreign.xml", 403, None),
+    ],
+)
+def test_other_requests_get_the_right_status(
+    office: Office, tmp_path: Path, scenario, status, counter
+):
+    need("sipp")
+    before = office.sip_stats()["service"]
+    run = run_sipp(
+        scenario, tmp_path, target=(LOOPBACK, office.sip_port), fields=[["2007"]], timeout=10
+    )
+    assert run.ok, run.output[-3000:]
+    assert status in run.statuses()
+    after = office.sip_stats()["service"]
+    if counter is not None:
+        assert after[counter] == before[counter] + 1
+    else:
+        assert after["registrar"]["refused"] == before["registrar"]["refused"] + 1
+        assert after["registrar"]["challenged"] == before["registrar"]["challenged"]
+    assert office.registrations("2007") == []
+
+
+# --- 7. the RFC 4475 torture messages against the running remote host -----------------------
+
+SILENT = None
+# file -> (status, words the reason must hold) the remote host answers, or SILENT. Where the
+# parser rejects a message, the status is the one tests/test_rfc4475.py expects of it (the
+# one RFC 4475 names); where it accepts one, it is what the service does with the request.
+ANSWERS: dict[str, tuple[int, str] | None] = {
+    # §3.1.1 valid messages: the method decides (no calls yet: INVITE and MESSAGE get 405).
+    "wsinv.dat": (405, "Method Not Allowed"),
+    "intmeth.dat": (501, "Not Implemented"),
+    "esc01.dat": (405, "Method Not Allowed"),
+    "escnull.dat": (403, "domain"),  # REGISTER sip:example.com: not our domain
+    "esc02.dat": (501, "Not Implemented"),  # RE%47IST%45R is not REGISTER
+    "lwsdisp.dat": (200, "OK"),
+    "longreq.dat": (405, "Method Not Allowed"),
+    "dblreq.dat": (403, "domain"),
+    "semiuri.dat": (200, "OK"),
+    "transports.dat": (200, "OK"),
+    "mpart01.dat": (405, "Method Not Allowed"),
+    "unreason.dat": SILENT,  # responses to nothing we sent
+    "noreason.dat": SILENT,
+    # §3.1.2 invalid messages: 400 naming the fault, 505 for the version; bad responses dropped
+    "badinv01.dat": (400, "Empty"),
+    "clerr.dat": (400, "Content-Length"),
+    "ncl.dat": (400, "Content-Length"),
+    "scalar02.dat": (400, "CSeq"),
+    "scalarlg.dat": SILENT,
+    "quotbal.dat": (400, "quoted"),
+    "ltgtruri.dat": (400, "Request-URI"),
+    "lwsruri.dat": (400, "Request-URI"),
+    "lwsstart.dat": (400, "Request-URI"),
+    "trws.dat": (400, "Request-URI"),
+    "escruri.dat": (400, "Request-URI"),
+    "baddate.dat": (400, "Date"),
+    "regbadct.dat": (400, "<>"),
+    "badaspec.dat": (400, "Whitespace"),
+    "baddn.dat": (400, "display name"),
+    "badvers.dat": (505, "Version"),
+    "mismatch01.dat": (400, "CSeq method"),
+    "mismatch02.dat": (400, "CSeq method"),
+    "bigcode.dat": SILENT,
+    # §3.2
+    "badbranch.dat": (200, "OK"),
+    # §3.3 application-layer semantics
+    "insuf.dat": (400, "Missing"),
+    "unkscm.dat": (416, "Scheme"),
+    "novelsc.dat": (416, "Scheme"),
+    "unksm2.dat": (403, "domain"),
+    "bext01.dat": (420, "Bad Extension"),
+    "invut.dat": (405, "Method Not Allowed"),  # RFC 4475: 415 from a UAS that takes INVITEs
+    "regaut01.dat": (403, "domain"),  # 401 once the domain is ours: see REGISTERS_TO_US
+    "multi01.dat": (400, "Multiple"),
+    "mcl01.dat": (400, "Multiple Content-Length"),
+    "bcast.dat": SILENT,
+    "zeromf.dat": (200, "OK"),  # Max-Forwards 0 stops proxies; we are the UAS
+    "cparam01.dat": (403, "domain"),
+    "cparam02.dat": (403, "domain"),
+    "regescrt.dat": (403, "domain"),
+    "sdp01.dat": (405, "Method Not Allowed"),  # RFC 4475: 406 from a UAS that takes INVITEs
+    # §3.4
+    "inv2543.dat": (405, "Method Not Allowed"),
+}
+
+# Where we answer differently from RFC 4475 (reported; the test keeps the RFC's answer).
+DIFFERS = {
+    "badinv01.dat": "the top Via has empty parameters (';;,;,,'): the transport cannot parse it"
+    " to route a reply, so it drops the request; RFC 4475 §3.1.2.1 asks for 400",
+    "insuf.dat": "no From, To or Call-ID to copy into a reply: dropped; RFC 4475 §3.3.1 says"
+    " ideally 400",
+}
+
+# The valid REGISTERs again with the Request-URI naming us: the registrar's answer is 401
+# (for regaut01 exactly what RFC 4475 §3.3.7 asks: an unknown scheme is no credential).
+REGISTERS_TO_US = [
+    "escnull.dat",
+    "dblreq.dat",
+    "unksm2.dat",
+    "regaut01.dat",
+    "cparam01.dat",
+    "cparam02.dat",
+    "regescrt.dat",
+]
+
+# The top Via's sent-by: the one thing rewritten, so replies come back to the test's socket.
+# (Folded lines and spaces around '/' as in wsinv.dat; the first Via header is the top one.)
+TOP_VIA_SENT_BY = re.compile(
+    rb"^((?:via|v)[ \t]*:\s*SIP\s*/\s*[0-9.]+\s*/\s*[A-Za-z0-9]+\s+)([^;\s,]+)", re.I | re.M
+)
+
+
+def vector_names() -> list[str]:
+    rows = (VECTORS / "INDEX.psv").read_text().splitlines()
+    return [r.split("|")[0] for r in rows if r.strip() and not r.startswith("#")]
+
+
+@dataclass
+class TortureResults:
+    answers: dict[str, list[str]]  # key -> status lines received, in order
+    registered_after: SippRun
+    alive_after: bool
+    handler_errors: int
+
+
+def _first_line(datagram: bytes) -> str:
+    return datagram.split(b"\r\n", 1)[0].decode("utf-8", "replace")
+
+
+@pytest.fixture(scope="module")
+def torture(office: Office, tmp_path_factory: pytest.TempPathFactory) -> TortureResults:
+    """Send every vector (and the REGISTERs again, to us) over UDP, each from its own socket
+    (several share a branch; distinct sent-by ports keep their transactions apart), then
+    collect what came back."""
+    need("sipp")
+    target = (LOOPBACK, office.sip_port)
+    sent: dict[str, bytes] = {}
+    for name in vector_names():
+        sent[name] = (VECTORS / name).read_bytes()
+    for name in REGISTERS_TO_US:
+        data = sent[name].replace(b"REGISTER sip:example.com ", b"REGISTER sip:127.0.0.1 ", 1)
+        assert data != sent[name]
+        sent[f"{name}@us"] = data
+    sockets: dict[str, socket.socket] = {}
+    selector = selectors.DefaultSelector()
+    answers: dict[str, list[str]] = {key: [] for key in sent}
+    try:
+        for key, data in sent.items():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sockets[key] = sock
+            sock.bind((LOOPBACK, 0))
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ, key)
+            here = b"%s:%d" % (LOOPBACK.encode(), sock.getsockname()[1])
+            if not data.startswith(b"SIP/2.0 "):  # responses go out as they are
+                data, count = TOP_VIA_SENT_BY.subn(rb"\g<1>" + here, data, count=1)
+                assert count == 1, key
+            sock.sendto(data, target)
+
+        def drain(until: Callable[[], bool], guard: float) -> None:
+            deadline = time.monotonic() + guard
+            while not until() and time.monotonic() < deadline:
+                for selected, _ in selector.select(0.05):
+                    sock = selected.fileobj
+                    assert isinstance(sock, socket.socket)
+                    with contextlib.suppress(BlockingIOError):
+                        answers[selected.data].append(_first_line(sock.recv(65536)))
+
+        def final(key: str) -> bool:
+            return any(not line.startswith("SIP/2.0 1") for line in answers[key])
+
+        # Everything that will be answered, answered (a hang guard, not a timing check) ...
+        expect_answer = [k for k in sent if ANSWERS[k.removesuffix("@us")] is not SILENT]
+        drain(lambda: all(final(k) for k in expect_answer if k not in DIFFERS), GUARD)
+        # ... then one more request as a barrier: UDP is handled in order, so once it is
+        # answered, every vector before it has been dealt with, answered or dropped.
+        barrier = "barrier"
+        answers[barrier] = []
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sockets[barrier] = sock
+        sock.bind((LOOPBACK, 0))
+        selector.register(sock, selectors.EVENT_READ, barrier)
+        port = sock.getsockname()[1]
+        sock.sendto(options_request(port), target)
+        drain(lambda: final(barrier), GUARD)
+        assert answers[barrier] == ["SIP/2.0 200 OK"]
+        drain(lambda: False, 0.2)  # replies already on their way
+    finally:
+        selector.close()
+        for sock in sockets.values():
+            sock.close()
+    run, port = register(office, tmp_path_factory.mktemp("after"), "2006")
+    stats = office.sip_stats()["transport"]
+    return TortureResults(answers, run, office.remote.alive, stats["handler_errors"])
+
+
+def options_request(port: int) -> bytes:
+    return (
+        f"OPTIONS sip:{LOOPBACK} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {LOOPBACK}:{port};branch=z9hG4bK-barrier-{port}\r\n"
+        "Max-Forwards: 70\r\n"
+        f"From: <sip:2001@{LOOPBACK}>;tag=barrier\r\n"
+        f"To: <sip:{LOOPBACK}>\r\n"
+        f"Call-ID: barrier-{port}\r\n"
+        "CSeq: 1 OPTIONS\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def _cases() -> list[Any]:
+    cases = []
+    for key in [*vector_names(), *(f"{n}@us" for n in REGISTERS_TO_US)]:
+        marks = []
+        if key in DIFFERS:
+            marks.append(pytest.mark.xfail(reason=DIFFERS[key], strict=True))
+        cases.append(pytest.param(key, marks=marks, id=key))
+    return cases
+
+
+@pytest.mark.parametrize("key", _cases())
+def test_rfc4475_vector_gets_the_right_answer(torture: TortureResults, key):
+    lines = torture.answers[key]
+    finals = [line for line in lines if not line.startswith("SIP/2.0 1")]
+    if key.endswith("@us"):
+        expected: tuple[int, str] | None = (401, "Unauthorized")
+    else:
+        expected = ANSWERS[key]
+    if expected is SILENT:
+        assert lines == []
+        return
+    assert expected is not None
+    status, words = expected
+    assert finals, f"no final answer to {key} (got {lines})"
+    # The same final answer each time (INVITE's 405 is retransmitted until an ACK).
+    assert len(set(finals)) == 1, finals
+    code, _, reason = finals[0].removeprefix("SIP/2.0 ").partition(" ")
+    assert int(code) == status, finals[0]
+    assert words in reason, finals[0]
+
+
+def test_after_the_torture_messages_sipp_still_registers(torture: TortureResults):
+    assert torture.alive_after
+    assert torture.handler_errors == 0
+    run = torture.registered_after
+    assert run.ok, run.output[-2000:]
+    assert run.statuses() == [401, 200]
