@@ -2,7 +2,9 @@
 
 This module wires the layers (STYLE.md: each consumes the events of the one below): the SIP
 transports (UDP and TCP on one port) hand validated messages to the transaction layer, whose
-events reach the dispatcher here: REGISTER to the registrar, OPTIONS answered, methods we know
+events reach the dispatcher here: REGISTER to the registrar, OPTIONS answered, the requests of
+calls (INVITE, authenticated with a 407 challenge, and ACK, BYE, CANCEL, INFO, UPDATE, MESSAGE
+inside a call) to the back-to-back user agent's legs (`legs.py`) once attached, methods we know
 but do not serve get 405 with Allow, unknown ones 501, ACK never answered. It also runs what a
 registrar must do over time: expire bindings, save them to disk in batches, and ping UDP contacts
 with OPTIONS often enough to keep their NAT bindings open, marking those that stop answering.
@@ -20,7 +22,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -34,6 +36,7 @@ from shared.aio.sip_transport import (
     serve_sip_transports,
 )
 from shared.sip.digest import DigestVerifier
+from shared.sip.errors import SipParseError
 from shared.sip.message import Headers, SipMessage, SipRequest, SipResponse, make_response
 from shared.sip.transaction import (
     AckReceived,
@@ -41,13 +44,23 @@ from shared.sip.transaction import (
     RequestReceived,
     ResponseReceived,
     SendMessage,
+    TransactionError,
     TransactionKey,
     TransactionLayer,
+    TransactionTimeout,
+    TransportFailure,
 )
+from shared.sip.uri import SipUri
+
+if TYPE_CHECKING:
+    from remotehost.legs import Legs
 
 log = logging.getLogger("remotehost.sip")
 SERVER_NAME = "branchpbx-remotehost/0.1"
 ALLOWED = ("REGISTER", "OPTIONS")
+# With call control attached (`attach_calls`): what the back-to-back user agent serves.
+CALL_METHODS = frozenset({"INVITE", "ACK", "BYE", "CANCEL", "INFO", "UPDATE", "MESSAGE"})
+CALL_ALLOWED = (*ALLOWED, "INVITE", "ACK", "BYE", "CANCEL", "INFO", "UPDATE", "MESSAGE")
 # Methods of RFC 3261 and its extensions that we know, but this remote host does not serve yet:
 # 405 with Allow (RFC 3261 §21.4.6). Anything else is 501 (§21.5.2).
 KNOWN_METHODS = frozenset(
@@ -71,6 +84,7 @@ class SipServiceStatistics:
     options_answered: int = 0
     not_allowed: int = 0
     not_implemented: int = 0
+    invites_challenged: int = 0
     pings_sent: int = 0
     pings_answered: int = 0
     send_failures: int = 0
@@ -113,6 +127,7 @@ class SipService:
         self._missed: dict[tuple[str, str], int] = {}
         self._dirty: dict[str, list[Binding]] = {}
         self._timer_changed = trio.Event()
+        self.calls: Legs | None = None
         location.add_listener(self._on_location_change)
 
     def _make_registrar(self, realm: str) -> Registrar:
@@ -128,6 +143,44 @@ class SipService:
 
     def _on_location_change(self, ext: str, bindings: list[Binding]) -> None:
         self._dirty[ext] = bindings
+
+    def attach_calls(self, legs: Legs) -> None:
+        """Hand INVITE and the requests of calls to the office's back-to-back user agent."""
+        self.calls = legs
+
+    @property
+    def allowed(self) -> tuple[str, ...]:
+        return CALL_ALLOWED if self.calls is not None else ALLOWED
+
+    # --- what the call legs use (legs.SipPort) ---
+
+    def local_address(self, peer_ip: str) -> tuple[str, int]:
+        """Our SIP address as a phone at `peer_ip` reaches it: for Via, Contact and SDP."""
+        assert self.address is not None
+        return _local_ip_towards(peer_ip, self.address[0]), self.address[1]
+
+    def new_branch(self) -> str:
+        return self.layer.new_branch()
+
+    async def respond(self, key: TransactionKey, response: SipResponse) -> None:
+        try:
+            events = self.layer.send_response(key, response, trio.current_time())
+        except TransactionError as exc:  # the transaction ended meanwhile (Timer L, H)
+            log.debug("response %d not sent: %s", response.status, exc)
+            return
+        await self._process(events)
+        self._timer_changed.set()
+
+    async def request(self, request: SipRequest, destination: Destination) -> TransactionKey:
+        key, events = self.layer.send_request(
+            request, trio.current_time(), destination, reliable=destination.transport == "tcp"
+        )
+        await self._process(events)
+        self._timer_changed.set()
+        return key
+
+    async def send_direct(self, message: SipMessage, destination: Destination) -> None:
+        await self._send(SendMessage(None, message, destination, destination.transport == "tcp"))
 
     # --- serving ---
 
@@ -168,7 +221,10 @@ class SipService:
             if isinstance(event, SendMessage):
                 await self._send(event)
             elif isinstance(event, RequestReceived):
-                response = self._dispatch(event.request, event.source)
+                if self.calls is not None and event.request.method in CALL_METHODS:
+                    response = await self._call_request(event)
+                else:
+                    response = self._dispatch(event.request, event.source)
                 if response is not None:
                     more = self.layer.send_response(event.key, response, trio.current_time())
                     await self._process(more)
@@ -176,8 +232,67 @@ class SipService:
                 ping = self._pings.get(event.key)
                 if ping is not None and event.response.status >= 200:
                     self._pong(ping)
-            elif isinstance(event, AckReceived):
-                pass  # an ACK for a 2xx we never sent: nothing to do
+                elif ping is None and self.calls is not None:
+                    await self.calls.on_response(event.key, event.response)
+            elif isinstance(event, TransactionTimeout | TransportFailure):
+                if self.calls is not None and event.key not in self._pings:
+                    await self.calls.on_timeout(event.key, event.response)
+            elif isinstance(event, AckReceived) and self.calls is not None:
+                self.calls.on_ack(event.request)
+
+    async def _call_request(self, event: RequestReceived) -> SipResponse | None:
+        """A request for the calls: a new INVITE is authenticated first (RFC 3261 §22.3: 407
+        with Proxy-Authenticate), with the registrar's nonces and brute-force throttle."""
+        assert self.calls is not None
+        request = event.request
+        if request.method == "ACK":
+            return None  # an ACK of a non-2xx is absorbed by its transaction
+        if request.method == "MESSAGE" and request.to_tag is None:
+            return self._dispatch(request, event.source)  # only inside a call
+        if request.method != "INVITE" or request.to_tag is not None:
+            return await self.calls.on_request(event.key, request, event.cancels)
+        assert isinstance(event.source, Source)
+        caller = self._authenticate(request, event.source)
+        if isinstance(caller, SipResponse):
+            return caller
+        await self.calls.on_invite(event.key, request, event.source, caller)
+        return None
+
+    def _authenticate(self, request: SipRequest, source: Source) -> SipResponse | str:
+        now = self._wall()
+        ip = source.remote[0]
+        registrar = self.registrar
+        result = registrar.verifier.verify(
+            request.headers.get("Proxy-Authorization"),
+            method="INVITE",
+            uri=request.uri,
+            now=now,
+            lookup_ha1=self._lookup_ha1,
+        )
+        if not result.ok:
+            if result.status == "bad":
+                registrar.stats.auth_failures += 1
+                registrar.throttle.failure(ip, now)
+                if registrar.throttle.blocked(ip, now):
+                    registrar.stats.blocked_sources += 1
+                    log.warning("blocking %s after failed INVITE authentications", ip)
+            self.stats.invites_challenged += 1
+            return self._reply(
+                request,
+                407,
+                "Proxy Authentication Required",
+                [("Proxy-Authenticate", c) for c in result.challenges],
+            )
+        registrar.throttle.success(ip)
+        try:
+            uri = request.from_.uri
+        except SipParseError:
+            return self._reply(request, 400, "Bad Request (From)")
+        caller = uri.user if isinstance(uri, SipUri) else None
+        if caller != result.username:
+            return self._reply(request, 403, "Forbidden (you may call only as your own extension)")
+        assert result.username is not None
+        return result.username
 
     async def _send(self, event: SendMessage) -> None:
         transport = self.transport
@@ -215,14 +330,14 @@ class SipService:
                 request,
                 200,
                 headers=[
-                    ("Allow", ", ".join(ALLOWED)),
+                    ("Allow", ", ".join(self.allowed)),
                     ("Accept", "application/sdp"),
                     ("Supported", "path, outbound"),
                 ],
             )
         if method in KNOWN_METHODS:
             self.stats.not_allowed += 1
-            return self._reply(request, 405, headers=[("Allow", ", ".join(ALLOWED))])
+            return self._reply(request, 405, headers=[("Allow", ", ".join(self.allowed))])
         self.stats.not_implemented += 1
         return self._reply(request, 501, f"Not Implemented ({method})")
 
