@@ -11,13 +11,14 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from remotehost.location import Binding, Location
 from remotehost.registrar import Origin, Registrar, RegistrarPolicy
 from shared.sip.digest import DigestVerifier, answer_challenge
+from shared.sip.errors import SipParseError
 from shared.sip.message import SipRequest, SipResponse
 from tests.siphelpers import (
     DOMAIN,
@@ -646,3 +647,94 @@ TestRegistrarModel.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+# -- any REGISTER the transport lets through ----------------------------------------------------
+
+URIS = (f"sip:{DOMAIN}", f"sips:{DOMAIN}", f"sip:{DOMAIN};transport=tcp", "sip:paris.example.com",
+        f"sip:201@{DOMAIN}", "tel:+33123456789")  # fmt: skip
+CONTACT_VALUES = (
+    "*",
+    "<sip:201@192.0.2.10:5062>",
+    "<sip:201@192.0.2.10:5062>;expires=0",
+    "<sip:201@192.0.2.11>;expires=4294967295;q=0.5",
+    "<sip:201@192.0.2.12>;expires=30",
+    "sip:201@192.0.2.13;expires=120",
+    '"Desk" <sips:201@phone.lan;transport=tls>;q=1.0;+sip.instance="<urn:uuid:1>"',
+    "<sip:201@192.0.2.10:5062>, <sip:201@192.0.2.14>;expires=600",
+    "<tel:+331234>",
+    "<sip:201@[2001:db8::1]:5060>;reg-id=1",
+)
+AUTHORIZATIONS = st.one_of(
+    st.none(),
+    st.sampled_from(["valid"] * 4 + ["valid-other-user"]),
+    st.sampled_from(["Digest", "Basic YWxhZGRpbjpvcGVu", 'Digest username="201"', "Digest ,,,"]),
+    st.text(max_size=60).map(lambda t: "Digest " + t),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    uri=st.sampled_from((URIS[0],) * 4 + URIS),
+    to_user=st.sampled_from([None, None, None, "201", "202", "299"]),
+    contacts=st.lists(st.sampled_from(CONTACT_VALUES), max_size=3),
+    expires=st.one_of(st.none(), st.sampled_from([0, 1, 59, 60, 3600, 3601, 2**32 - 1])),
+    require=st.sampled_from([None, None, None, "path", "outbound", "foo", "path, 100rel"]),
+    authorization=AUTHORIZATIONS,
+    cseq=st.sampled_from([1, 2, 3, 2**31]),
+    preload=st.booleans(),
+)
+def test_any_register_gets_a_consistent_answer(
+    uri, to_user, contacts, expires, require, authorization, cseq, preload
+):
+    registrar = make_registrar(max_contacts=3)
+    if preload:
+        # The same Call-ID as the request below (CSeq 2 when accepted): old CSeqs get 500.
+        preloaded = Phone("201", call_id="call-1@phone")
+        register(registrar, preloaded, contacts=["<sip:201@192.0.2.10:5062>"])
+    if authorization in ("valid", "valid-other-user"):
+        phone = Phone("201" if authorization == "valid" else "202")
+        phone.learn(send(registrar, phone.register()))
+        assert phone.challenge is not None
+        authorization = answer_challenge(
+            phone.challenge,
+            method="REGISTER",
+            uri=uri,
+            username=phone.ext,
+            password=phone.password or "",
+            cnonce="c",
+            nc=1,
+        )
+    data = register_bytes(
+        ext="201",
+        request_uri=uri,
+        to_user=to_user,
+        contacts=contacts,
+        expires=expires,
+        cseq=cseq,
+        authorization=authorization,
+        extra=[("Require", require)] if require else [],
+    )
+    try:
+        request = parse_request(data)
+    except SipParseError:
+        return  # the transport answers these itself (400)
+    before = registrar.location.all()
+    heard: list[str] = []
+    registrar.location.add_listener(lambda ext, bindings: heard.append(ext))
+    response = registrar.handle_register(request, PHONE, NOW)
+    assert response is not None  # never blocked here: at most one failure
+    event(f"status {response.status}")
+    assert response.status in {200, 400, 401, 403, 420, 423, 500}
+    assert response.call_id == request.call_id and response.cseq == request.cseq
+    assert response.to_tag is not None
+    if response.status != 200:
+        assert registrar.location.all() == before and heard == []
+        return
+    ext = to_user or "201"
+    assert set(heard) <= {ext}
+    listed = contact_expiries(response)
+    assert set(listed) == {b.contact for b in registrar.location.get(ext)}
+    assert all(v is not None and 0 < v <= 3600 for v in listed.values())
+    assert len(registrar.location.get(ext)) <= 3
+    assert all(b.ext == ext or b in before for b in registrar.location.all())
