@@ -37,6 +37,7 @@ from shared.aio.sip_transport import (
     _local_ip_of,
     is_stun,
     read_message_untrusted,
+    reply_destination,
     response_destination,
     serve_sip_transports,
     stamp_top_via_untrusted,
@@ -272,6 +273,21 @@ def test_read_answers_a_malformed_request(data: bytes, status: int, reason: str)
     assert reply.top_via.rport == 40001
 
 
+def test_read_answers_a_request_whose_top_via_is_broken_straight_to_the_source() -> None:
+    # RFC 4475 §3.1.2.1 (badinv01): empty Via parameters; the request still deserves a 400.
+    data = request_bytes(via="SIP/2.0/UDP 192.0.2.15;;,;,,")
+    inbound = read_message_untrusted(data, ("192.0.2.7", 40001))
+    reply = inbound.reply
+    assert reply is not None and reply.status == 400
+    assert reply.headers.get("Via") == "SIP/2.0/UDP 192.0.2.15;;,;,,"  # copied as it came
+    source = Source("udp", ("192.0.2.7", 40001), ("192.0.2.1", 5060))
+    assert reply_destination(reply, source) == source.destination
+    # A readable top Via is used like for any response.
+    good = read_message_untrusted(request_bytes(cseq="1 BYE"), ("192.0.2.7", 40001)).reply
+    assert good is not None
+    assert reply_destination(good, source).address == ("192.0.2.7", 40001)
+
+
 def test_read_420_names_the_unsupported_extension() -> None:
     inbound = read_message_untrusted(request_bytes(extra="Require: foo, path\r\n"), ("1.2.3.4", 5))
     assert inbound.reply is not None
@@ -292,7 +308,9 @@ def test_read_420_names_the_unsupported_extension() -> None:
         response_bytes(status="200 OK", via="SIP/2.0/UDP"),  # a malformed response
         request_bytes(method="ACK", cseq="1 INVITE"),  # a malformed ACK is never answered
         request_bytes(call_id="").replace(b"Call-ID: \r\n", b""),  # nothing to copy
-        request_bytes(via="garbage"),  # nowhere to send a reply
+        request_bytes().replace(
+            b"Via: SIP/2.0/UDP phone.example.com:5062;branch=z9hG4bK-1;rport\r\n", b""
+        ),
         request_bytes().replace(b"From:", b"Frm:"),  # no From
     ],
 )
@@ -350,19 +368,24 @@ def _mutations() -> st.SearchStrategy[bytes]:
 @settings(max_examples=400, deadline=None)
 @given(_mutations())
 def test_fuzz_read_mutated_requests_never_raise_and_replies_route(data: bytes) -> None:
-    inbound = read_message_untrusted(data, ("192.0.2.7", 40001))
-    for message in (inbound.message, inbound.reply):
-        if message is None:
-            continue
-        # Whatever comes out can be routed and serialized and read back.
-        via = top_via_untrusted(message)
-        assert response_destination(via, UDP_SOURCE).address[0] in ("192.0.2.7", via.host)
+    source = Source("udp", ("192.0.2.7", 40001), ("192.0.2.1", 5060))
+    inbound = read_message_untrusted(data, source.remote)
+    message = inbound.message
+    if message is not None:
+        # A message for the handler is fully valid and serializes back.
+        assert inbound.error is None
+        assert message.top_via == top_via_untrusted(message)
         assert isinstance(parse_message_untrusted(message.encode()), type(message))
-        if message is inbound.message:
-            assert message.top_via == via  # a message for the handler is fully valid
-    if inbound.reply is not None:
+        if isinstance(message, SipRequest):
+            # Stamped: its responses go to the packet's source address.
+            assert response_destination(message.top_via, source).address[0] == "192.0.2.7"
+    reply = inbound.reply
+    if reply is not None:
+        # Our own error replies never go anywhere but to the packet's source address.
+        assert reply_destination(reply, source).address[0] == "192.0.2.7"
+        assert isinstance(parse_message_untrusted(reply.encode()), SipResponse)
         assert inbound.error is not None
-        assert inbound.reply.status == inbound.error.status
+        assert reply.status == inbound.error.status
 
 
 @settings(max_examples=200, deadline=None)
@@ -566,6 +589,18 @@ async def test_udp_malformed_request_gets_400_naming_the_problem(
     assert server.recorder.seen == []
     stats = server.transport.statistics()
     assert (stats.answered_malformed, stats.received, stats.dropped_malformed) == (1, 0, 0)
+
+
+async def test_udp_broken_top_via_gets_400_at_the_source(
+    nursery: trio.Nursery, udp_client: UdpClient
+) -> None:
+    server = await start(nursery)
+    client = await udp_client()
+    await client.sendto(request_bytes(via="SIP/2.0/UDP 192.0.2.15;;,;,,"), server.address)
+    data, sender = await receive_datagram(client)
+    assert sender == server.address
+    assert data.startswith(b"SIP/2.0 400 ")
+    assert server.transport.statistics().answered_malformed == 1
 
 
 async def test_udp_wrong_version_gets_505(nursery: trio.Nursery, udp_client: UdpClient) -> None:

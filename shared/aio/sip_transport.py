@@ -301,9 +301,9 @@ def read_message_untrusted(
 
     A good request comes back with its top Via stamped (`stamp_top_via_untrusted`); a good
     response as parsed. A bad request gets `reply` set when it can be answered: it is not an
-    ACK (RFC 3261 §17.1.1.3: an ACK is never answered), its top Via parses (to route the reply)
-    and it has From, To, Call-ID and CSeq to copy (RFC 3261 §8.2.6.2). A bad response is
-    dropped (RFC 3261 §18.1.2).
+    ACK (RFC 3261 §17.1.1.3: an ACK is never answered) and it has Via, From, To, Call-ID and
+    CSeq to copy (RFC 3261 §8.2.6.2); `reply_destination` says where the reply goes. A bad
+    response is dropped (RFC 3261 §18.1.2).
     """
     message: SipMessage | None = None
     try:
@@ -328,13 +328,29 @@ def _error_reply(
     request = exc.request
     if request is None or request.method == "ACK":
         return None
-    if any(name not in request.headers for name in ("From", "To", "Call-ID", "CSeq")):
+    if any(name not in request.headers for name in ("Via", "From", "To", "Call-ID", "CSeq")):
         return None
     try:
         stamp_top_via_untrusted(request, remote, force_rport=options.force_rport)
     except SipParseError:
-        return None
+        # A top Via we cannot read (RFC 4475 §3.1.2.1 still wants a 400): it is copied as it
+        # came and the reply goes straight back to the packet's source (`reply_destination`).
+        pass
     return error_response(exc, to_tag=generate_tag())
+
+
+def reply_destination(reply: SipResponse, source: Source) -> Destination:
+    """Where the transport sends its own error reply: routed by the top Via like any response
+    (`response_destination`), or, when that Via cannot be read, straight back to the source,
+    the only address we know (never a third party's)."""
+    try:
+        via = top_via_untrusted(reply)
+    except SipParseError:
+        return source.destination
+    try:
+        return response_destination(via, source)
+    except SipTransportError:
+        return source.destination
 
 
 def is_stun(data: bytes) -> bool:
@@ -652,7 +668,7 @@ class SipTransport:
             return False
         self._stats.answered_malformed += 1
         try:
-            await self.send_response(reply, source)
+            await self.send(reply.encode(), reply_destination(reply, source))
         except SipTransportError as exc:
             self._log.debug("could not answer a malformed request: %s", exc)
         return True
