@@ -143,6 +143,12 @@ class SipService:
 
     def _on_location_change(self, ext: str, bindings: list[Binding]) -> None:
         self._dirty[ext] = bindings
+        # Missed pings count against a binding: once it is gone, a new registration of the
+        # same contact starts afresh, and the counts of contacts that left do not pile up.
+        if self._missed:
+            bound = {b.contact for b in bindings}
+            for key in [k for k in self._missed if k[0] == ext and k[1] not in bound]:
+                del self._missed[key]
 
     def attach_calls(self, legs: Legs) -> None:
         """Hand INVITE and the requests of calls to the office's back-to-back user agent."""
@@ -440,10 +446,12 @@ class SipService:
 
     def _missed_ping(self, ping: Ping) -> None:
         key = (ping.ext, ping.contact)
+        binding = self.location.find(ping.ext, ping.contact)
+        if binding is None:
+            return  # unregistered meanwhile: nothing to count against
         missed = self._missed.get(key, 0) + 1
         self._missed[key] = missed
-        binding = self.location.find(ping.ext, ping.contact)
-        if binding is not None and binding.reachable and missed >= self.missed_pings_unreachable:
+        if binding.reachable and missed >= self.missed_pings_unreachable:
             log.warning(
                 "%s: %s does not answer (%d pings missed): unreachable",
                 ping.ext,
