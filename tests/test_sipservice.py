@@ -535,26 +535,43 @@ async def test_a_blocked_source_gets_nothing_while_another_is_served(running):
 
 @dataclass
 class PingAnswerer:
-    """The phone's side of the OPTIONS pings: answers them while `answering` is set."""
+    """The phone's side of the OPTIONS pings: answers them while `answering` is set. Owns the
+    socket while it runs; `request` sends through it and gets the answer."""
 
     client: UdpClient
     answering: bool = True
     pings: list[SipRequest] = field(default_factory=list)  # one per ping, not per copy
     unanswered: set[str] = field(default_factory=set)  # Call-IDs
+    responses: list[SipResponse] = field(default_factory=list)
 
     async def run(self) -> None:
         seen: set[str] = set()
         while True:
             data = await self.client.sock.recv(65536)
-            request = parse_message_untrusted(data)
-            assert isinstance(request, SipRequest) and request.method == "OPTIONS"
-            if request.call_id not in seen:
-                seen.add(request.call_id)
-                self.pings.append(request)
+            message = parse_message_untrusted(data)
+            if isinstance(message, SipResponse):
+                self.responses.append(message)
+                continue
+            assert message.method == "OPTIONS"
+            if message.call_id not in seen:
+                seen.add(message.call_id)
+                self.pings.append(message)
             if self.answering:
                 await self.client.send(options_answer(data))
             else:
-                self.unanswered.add(request.call_id)
+                self.unanswered.add(message.call_id)
+
+    async def request(self, data: bytes) -> SipResponse:
+        branch = parse_message_untrusted(data).branch
+        await self.client.send(data)
+        found: list[SipResponse] = []
+
+        def answered() -> bool:
+            found.extend(r for r in self.responses if r.branch == branch and r.status >= 200)
+            return bool(found)
+
+        await wait_until(answered)
+        return found[0]
 
 
 async def test_keepalive_pings_mark_silent_contacts_unreachable(tmp_path):
@@ -608,6 +625,42 @@ async def test_keepalive_pings_mark_silent_contacts_unreachable(tmp_path):
         finally:
             udp.close()
             await tcp.stream.aclose()
+
+
+async def test_a_contact_registered_again_starts_with_no_missed_pings(tmp_path):
+    async with running_service(
+        tmp_path, keepalive_interval=0.2, missed_pings_unreachable=3
+    ) as running:
+        udp = UdpClient.open(running.address)
+        try:
+            phone = udp.phone("201")
+            assert (await register(udp, phone)).status == 200
+            answerer = PingAnswerer(udp, answering=False)
+
+            def reachable() -> bool:
+                found = running.location.find("201", phone.contact or "")
+                assert found is not None
+                return found.reachable
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(answerer.run)
+                await wait_until(lambda: not reachable())
+                # The phone unregisters and registers again (it rebooted, say).
+                response = await answerer.request(phone.register(expires=0).encode())
+                assert response.status == 200
+                response = await answerer.request(phone.register().encode())
+                assert response.status == 200 and reachable()
+                # Two more pings go unanswered: counting the one sent before the phone
+                # unregistered, at most two misses count against the new binding, fewer than
+                # the three it takes; the old binding's misses are forgotten.
+                seen = len(answerer.pings)
+                await wait_until(lambda: len(answerer.pings) >= seen + 2)
+                assert reachable()
+                # The third miss does count.
+                await wait_until(lambda: not reachable())
+                nursery.cancel_scope.cancel()
+        finally:
+            udp.close()
 
 
 async def test_no_pings_for_removed_contacts(tmp_path):
