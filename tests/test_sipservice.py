@@ -7,6 +7,7 @@ limits are hang guards only: every wait is for an event (an answer, a counter, a
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 import sqlite3
@@ -280,6 +281,44 @@ async def test_register_over_tcp(running):
         # The same connection carries the next request too.
         assert (await register(client, phone, expires=0)).status == 200
         assert running.location.get("202") == []
+
+
+async def test_sha256_and_md5_challenges(tmp_path):
+    async with running_service(tmp_path, digest_algorithms=("MD5", "SHA-256")) as running:
+        udp = UdpClient.open(running.address)
+        try:
+            phone = udp.phone("201")
+            first = await udp.request(phone.register().encode())
+            # RFC 8760 §2.4: one challenge per algorithm, the strongest first.
+            assert [c.algorithm for c in challenges_of(first)] == ["SHA-256", "MD5"]
+            phone.learn(first)
+            assert phone.challenge is not None and phone.challenge.algorithm == "SHA-256"
+            assert (await udp.request(phone.register().encode())).status == 200
+        finally:
+            udp.close()
+
+
+async def test_a_refresh_over_a_new_connection_moves_the_binding(running):
+    first = await TcpClient.open(running.address)
+    second = await TcpClient.open(running.address)
+    async with first.stream, second.stream:
+        phone = first.phone("201")
+        assert (await register(first, phone)).status == 200
+        # The phone reconnects (NAT rebinding, a restart of its TCP stack): same contact, same
+        # Call-ID, next CSeq, from the new connection. Requests go where it is now.
+        assert (await second.request(phone.register().encode())).status == 200
+        [binding] = running.location.get("201")
+        assert (binding.transport, binding.source_port) == ("tcp", second.port)
+        assert binding.cseq == phone.cseq
+
+
+async def test_statistics_are_plain_data(running, udp):
+    assert (await register(udp, udp.phone("201"))).status == 200
+    stats = running.service.statistics()
+    assert json.loads(json.dumps(stats)) == stats
+    assert stats["service"]["registrar"]["registers"] == 2
+    assert stats["transport"]["received"] == 2
+    assert stats["transactions"]["server_created"] == 2
 
 
 async def test_unknown_extension_gets_a_challenge_not_a_refusal(running, udp):
