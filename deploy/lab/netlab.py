@@ -3,7 +3,7 @@
 This module owns building, changing and tearing down a lab of network namespaces: an "internet",
 a main host "in the cloud", and branch offices each behind its own NAT router with LAN hosts
 (a remote host, phones). It does not own what runs inside them: callers start their own programs
-with `Lab.run` / `Lab.popen` (the lead's demo starts a main host in `lab.main_ns` and remote
+with `Lab.run` / `Lab.popen` (deploy/demo.py starts a main host in `lab.main_ns` and remote
 hosts in office LAN hosts). It is plain synchronous code on top of `ip`, `iptables` and
 `conntrack` run as subprocesses; it needs root.
 
@@ -61,7 +61,8 @@ namespaces, with SIGKILL: stop your programs gracefully first if that matters), 
 `bpx<id>-` namespace (the veth pairs and bridges go with them) and the registry entry. It runs
 from the context manager, from `atexit` and on SIGTERM. Each lab records its creator's pid and
 start time in /run/branchpbx-lab/<id>.json; `cleanup_stale()` removes the namespaces of labs whose
-creator is gone (a test run killed with SIGKILL) unless the lab was detached (`lab up`).
+owner is gone (a test run killed with SIGKILL); a lab detached without an owner (`lab up`) is
+never stale and stays until `lab down`.
 
 Why this module is over 700 lines: it is one cohesive thing (a lab and its parts share the
 registry, the command runner and the cleanup), and splitting it would scatter the address plan.
