@@ -284,8 +284,10 @@ class Uplink:
                             self._failed(event.reason)
                         nursery.cancel_scope.cancel()
                         break
-        except ConnectionLost as exc:
-            self._failed(str(exc))
+        except* ConnectionLost as group:
+            # except*: a send that fails inside the connection's nursery arrives wrapped in an
+            # ExceptionGroup, and a plain except would let it end the whole remote host.
+            self._failed(str(group.exceptions[0]))
         finally:
             self.conn = None
             self._cancel_connection = None
