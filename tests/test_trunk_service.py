@@ -409,8 +409,9 @@ async def test_a_dead_remote_host_goes_offline(tmp_path):
         await wait_until(lambda: "lyon" in host.trunk.online)
         # We stop reading and never answer heartbeats: the server must give up on us.
         await wait_until(lambda: "lyon" not in host.trunk.online)
-        log = host.store.office_log("lyon", limit=1)
-        assert log[0]["kind"] == "offline"
+        # The offline record follows (written by the connection's task as it ends).
+        await wait_until(lambda: host.store.office_log("lyon", limit=1)[0]["kind"] == "offline")
+        assert "nothing heard" in host.store.office_log("lyon", limit=1)[0]["detail"]
         await conn.aclose()
         nursery.cancel_scope.cancel()
 
@@ -896,3 +897,32 @@ async def test_adapter_peer_hangs_up(autojump_clock):
         await client_stream.aclose()  # the TCP connection goes away without a Close frame
     closed = events[-1]
     assert isinstance(closed, Closed) and closed.by_peer
+
+
+async def test_a_send_failing_inside_the_connection_does_not_end_the_remote_host(
+    main, tmp_path, monkeypatch
+):
+    # The main host vanishes just as the remote host answers it (here: the first directory
+    # acknowledgement fails). That is one lost connection to redial, not the end of the host.
+    from shared.aio.trunk import ConnectionLost
+
+    async with trio.open_nursery() as nursery:
+        token = token_for(main.data, main.port, "lyon", main.secret)
+        ca_der = await check_join(token, GUARD)
+        config = make_remotehost_data(tmp_path / "remote", token, ca_der)
+        remote = RemoteHost(tmp_path / "remote", config)
+        real_on_message = remote.uplink._on_message
+        failures: list[str] = []
+
+        async def failing_once(conn: Any, event: Any) -> None:
+            if not failures:
+                failures.append("sent")
+                raise ConnectionLost("send failed: simulated reset")
+            await real_on_message(conn, event)
+
+        monkeypatch.setattr(remote.uplink, "_on_message", failing_once)
+        await nursery.start(remote.serve)
+        await wait_until(lambda: remote.uplink.state.logins >= 2 and remote.status()["online"])
+        await wait_until(lambda: remote.mirror.info().version == 2)
+        assert failures == ["sent"]
+        nursery.cancel_scope.cancel()
