@@ -49,7 +49,7 @@ def resample(samples: array[int], rate: int, target: int = SAMPLE_RATE) -> array
 def read_wav(path: str | Path) -> bytes:
     """The file's audio as 8 kHz mono little-endian 16-bit PCM."""
     try:
-        with wave.open(str(path), "rb") as wav:
+        with open(path, "rb") as file, wave.open(file, "rb") as wav:
             channels = wav.getnchannels()
             width = wav.getsampwidth()
             rate = wav.getframerate()
@@ -79,7 +79,8 @@ def read_wav(path: str | Path) -> bytes:
 def write_wav(path: str | Path, pcm: bytes) -> None:
     """Write 8 kHz mono 16-bit PCM as a WAV file."""
     try:
-        with wave.open(str(path), "wb") as wav:
+        # Open the file ourselves: wave's own open leaves a half-made writer behind on error.
+        with open(path, "wb") as file, wave.open(file, "wb") as wav:
             wav.setnchannels(1)
             wav.setsampwidth(2)
             wav.setframerate(SAMPLE_RATE)

@@ -64,7 +64,7 @@ Address = tuple[str, int]
 USER_AGENT = "branchpbx-phoneagent/0.1"
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE"
 DEFAULT_SIP_PORT = 5060
-_MAX_AUTH_TRIES = 2  # a second challenge for the same request means the password is wrong
+_MAX_AUTH_TRIES = 3  # challenges answered per request at most (stale nonces included)
 
 
 # --- configuration and outputs ---------------------------------------------------------------
@@ -414,6 +414,15 @@ class UserAgent:
         name = "Proxy-Authorization" if response.status == 407 else "Authorization"
         return name, value
 
+    def _may_retry_auth(self, response: SipResponse, tries: int) -> bool:
+        """Answer a challenge once; again only when the server says our nonce was merely
+        stale (RFC 7616 §3.3): a second plain challenge means the password is wrong."""
+        if tries == 0:
+            return True
+        if tries >= _MAX_AUTH_TRIES:
+            return False
+        return any(challenge.stale for challenge in _challenges(response))
+
     # -- registration (RFC 3261 §10.2) --
 
     def register(self, now: float, expires: int | None = None) -> list[Output]:
@@ -451,7 +460,7 @@ class UserAgent:
             return []
         reg.key = None
         status = response.status
-        if status in (401, 407) and reg.auth_tries < _MAX_AUTH_TRIES:
+        if status in (401, 407) and self._may_retry_auth(response, reg.auth_tries):
             transaction_request = self._last_register(response)
             auth = self._authorize(response, transaction_request)
             if auth is not None:
@@ -517,20 +526,19 @@ class UserAgent:
 
     def _on_invite_response(self, leg: _Leg, response: SipResponse, now: float) -> list[Output]:
         status = response.status
-        if status == 100:
-            return []
         if status < 200:
-            out: list[Output] = []
             if leg.state is CallState.CALLING:
                 leg.state = CallState.EARLY
                 if leg.cancel_wanted:
-                    # §9.1: the CANCEL waited for this provisional response.
+                    # §9.1: the CANCEL waited for a provisional response (a 100 will do).
                     return self._cancel(leg, now)
-            out.append(CallProgress(leg.call_id, status, response.reason))
-            return out
+            if status == 100:
+                return []
+            return [CallProgress(leg.call_id, status, response.reason)]
         if status < 300:
             return self._on_invite_ok(leg, response, now)
-        if status in (401, 407) and leg.auth_tries < _MAX_AUTH_TRIES and not leg.cancel_wanted:
+        retry = self._may_retry_auth(response, leg.auth_tries)
+        if status in (401, 407) and retry and not leg.cancel_wanted:
             auth = self._authorize(response, leg.invite)
             if auth is not None:
                 # §22.2/§22.3: the same INVITE again (same Call-ID, From tag, next CSeq) with
@@ -603,7 +611,7 @@ class UserAgent:
         leg.invite_key = event.key
         self._legs[call_id] = leg
         self._by_key[event.key] = call_id
-        out = self._respond(event.key, make_response(request, 100), now)
+        out: list[Output] = []  # the transaction layer sent 100 Trying already (§17.2.1)
         try:
             caller = str(request.from_.uri)
         except SipParseError:
@@ -723,16 +731,27 @@ class UserAgent:
         # The 487 for the INVITE ends the call (_on_invite_response).
         return out
 
+    def _end_pending_reinvite(self, leg: _Leg, now: float) -> list[Output]:
+        """§15.1.2: a re-INVITE of the peer still unanswered when the call ends gets 487."""
+        key, request = leg.reinvite_key, leg.reinvite_request
+        if key is None or not key.server or request is None or leg.ok is not None:
+            return []
+        leg.reinvite_key = None
+        return self._respond(key, make_response(request, 487, to_tag=leg.local_tag), now)
+
     def _bye(self, leg: _Leg, now: float) -> list[Output]:
+        out = self._end_pending_reinvite(leg, now)
         dialog = leg.dialog
         if dialog is None or dialog.terminated:
             leg.state = CallState.ENDED
             self._forget(leg)
-            return [CallEnded(leg.call_id, False)]
+            out.append(CallEnded(leg.call_id, False))
+            return out
         leg.state = CallState.ENDING
         leg.ok_next = None
         bye = dialog.create_bye(via=self._via(), headers=[("User-Agent", USER_AGENT)])
-        key, out = self._send(bye, leg.peer, now)
+        key, sent = self._send(bye, leg.peer, now)
+        out += sent
         leg.bye_key = key
         self._by_key[key] = leg.call_id
         return out
@@ -749,7 +768,8 @@ class UserAgent:
         refusal = leg.dialog.receive_request(request)
         if refusal is not None:
             return self._respond(event.key, refusal, now)
-        out = self._respond(event.key, response_in_dialog(leg.dialog, request, 200), now)
+        out = self._end_pending_reinvite(leg, now)
+        out += self._respond(event.key, response_in_dialog(leg.dialog, request, 200), now)
         if leg.state is not CallState.ENDED:
             leg.state = CallState.ENDED
             self._forget(leg)

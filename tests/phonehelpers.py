@@ -128,3 +128,9 @@ def write_tone_wav(
         wav.setframerate(rate)
         wav.writeframes(data)
     return path
+
+
+def answer_from(network: Network, node: Node, response: SipMessage, source: Address) -> None:
+    """Deliver `response` (made by the test, playing a server at `source`) to `node`."""
+    message = parse_message_untrusted(response.encode())
+    network.feed(node, node.agent.receive(message, source, network.now))
