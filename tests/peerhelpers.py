@@ -422,11 +422,15 @@ class Office:
 
 @contextlib.contextmanager
 def open_office(
-    root: Path, phones: dict[str, str], *, keepalive_interval: float | None = None
+    root: Path,
+    phones: dict[str, str],
+    *,
+    keepalive_interval: float | None = None,
+    extensions: str = "2000-2099",
 ) -> Iterator[Office]:
     """A running main host and remote host with `phones`; both stopped on exit, always."""
     root.mkdir(parents=True, exist_ok=True)
-    office = Office(root, phones, keepalive_interval=keepalive_interval)
+    office = Office(root, phones, extensions=extensions, keepalive_interval=keepalive_interval)
     try:
         office.start()
         yield office
