@@ -321,11 +321,14 @@ async def test_statistics_are_plain_data(running, udp):
     assert stats["transactions"]["server_created"] == 2
 
 
-async def test_unknown_extension_gets_a_challenge_not_a_refusal(running, udp):
-    phone = udp.phone("299", password="guess")
-    first = await udp.request(phone.register().encode())
-    phone.learn(first)
-    assert (await udp.request(phone.register().encode())).status == 401
+async def test_unknown_extension_and_wrong_password_look_alike_on_the_wire(running, udp):
+    answers = []
+    for phone in (udp.phone("299", password="guess"), udp.phone("201", password="wrong")):
+        phone.learn(await udp.request(phone.register().encode()))
+        answers.append(await udp.request(phone.register().encode()))
+    unknown, wrong = answers
+    assert (unknown.status, unknown.reason) == (wrong.status, wrong.reason) == (401, "Unauthorized")
+    assert [n for n, _ in unknown.headers] == [n for n, _ in wrong.headers]
     assert len(running.location) == 0
 
 
