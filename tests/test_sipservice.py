@@ -156,14 +156,17 @@ class UdpClient:
         return False
 
     async def request(self, data: bytes) -> SipResponse:
-        """Send a request; return its final response (provisional ones, and responses to
-        other requests, are skipped)."""
+        """Send a request; return its final response (provisional ones, responses to other
+        requests and requests from the service are skipped)."""
         branch = parse_message_untrusted(data).branch
         await self.send(data)
         while True:
-            response = await self.receive()
-            assert isinstance(response, SipResponse)
-            if response.branch == branch and response.status >= 200:
+            response = await self.receive()  # keepalive pings (requests) are skipped too
+            if (
+                isinstance(response, SipResponse)
+                and response.branch == branch
+                and response.status >= 200
+            ):
                 return response
 
 
@@ -198,14 +201,17 @@ class TcpClient:
                     self.framer.receive_data(data)
 
     async def request(self, data: bytes) -> SipResponse:
-        """Send a request; return its final response (provisional ones, and responses to
-        other requests, are skipped)."""
+        """Send a request; return its final response (provisional ones, responses to other
+        requests and requests from the service are skipped)."""
         branch = parse_message_untrusted(data).branch
         await self.send(data)
         while True:
-            response = await self.receive()
-            assert isinstance(response, SipResponse)
-            if response.branch == branch and response.status >= 200:
+            response = await self.receive()  # keepalive pings (requests) are skipped too
+            if (
+                isinstance(response, SipResponse)
+                and response.branch == branch
+                and response.status >= 200
+            ):
                 return response
 
 
