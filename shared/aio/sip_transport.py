@@ -27,8 +27,12 @@ Choices worth knowing:
   client's retransmission (RFC 3261 §17.1.1.2) recovers. TCP readers do wait: TCP has its own
   flow control, and a stream cannot lose a message without losing its framing.
 - A handler exception is logged and counted, not raised: one bad message must not stop a PBX.
+- Bound to a wildcard address (Linux), each datagram's own local address is read (IP_PKTINFO)
+  into `Source.local` and replies leave from it, so multi-homed hosts stay symmetric.
+- A malformed request whose top Via cannot be read still gets its error reply when it has the
+  headers a reply copies; it goes straight back to the packet's source, the only address known.
 
-It is longer than most modules (about 800 lines) because its pure half (Via stamping, response
+It is longer than most modules (about 900 lines) because its pure half (Via stamping, response
 routing, reading untrusted bytes into a message or an error reply, STUN keepalive replies) sits
 above the sockets it serves; that half imports no trio and could move to `shared.sip` whole.
 """
