@@ -231,6 +231,7 @@ class Call:
     winner: Leg | None = None
     state: str = "trying"  # trying, ringing, connected, ended
     media: MediaCall | None = None
+    wan: WanMedia | None = None
     phone_sdp: SessionDescription | None = None
     failure: Fail | None = None
     answered: trio.Event = field(default_factory=trio.Event)
@@ -405,8 +406,7 @@ class CallController:
             await self._fail(call, Fail(488, "Not Acceptable Here (no audio codec offered)"))
             return
         call.phone_sdp = phone
-        call.media = await self.anchor.open_call(call.call_id)
-        _aim_at_phone(call.media, phone)
+        _aim_at_phone(await self._open_media(call), phone)
         if call.state == "ended":
             return
         leg = self.legs.trunk_leg(call.call_id)
@@ -415,13 +415,13 @@ class CallController:
         await leg.send(Offer(offer.caller, offer.callee, None, codecs, offer.caller_name))
 
     async def _anchor_offer(self, call: Call, offer: Offer, phone_ip: str) -> bytes:
-        call.media = await self.anchor.open_call(call.call_id)
+        media = await self._open_media(call)
         codecs = [c for c in (_codec_of(name) for name in offer.codecs) if c is not None]
         address = self.media_address(phone_ip)
         sdp = build_offer(
             origin=_origin(address),
             address=address,
-            port=call.media.local_port,
+            port=media.local_port,
             codecs=[*codecs, TELEPHONE_EVENT],
         )
         return sdp.encode()
@@ -432,12 +432,12 @@ class CallController:
         call = leg.call
         if call is None or call.state == "ended":
             return
-        if leg is call.a:
+        if isinstance(event, WanMedia):
+            call.wan = event  # it may come before the anchor call is open
+            self._wire_wan(call)
+        elif leg is call.a:
             if isinstance(event, Disconnect | Fail):
                 await self._hang_up(call, leg, event)
-            return
-        if isinstance(event, WanMedia):
-            await self._wan_media(call, event)
         elif isinstance(event, Ring):
             if call.state in ("trying", "ringing"):
                 call.state = "ringing"
@@ -459,12 +459,19 @@ class CallController:
             return ring  # the callee's early media SDP, untouched (phone to phone)
         return Ring(ring.status, ring.reason, None)
 
-    async def _wan_media(self, call: Call, event: WanMedia) -> None:
+    def _wire_wan(self, call: Call) -> None:
+        # The media key of the login in use now; a later login's key comes by on_trunk_up.
         key = self.trunk.media_key
-        if call.media is None or key is None:
+        wan = call.wan
+        if call.media is None or wan is None or key is None:
             return
-        host = event.relay_host or self.main_host
-        call.media.set_wan(event.leg, (host, event.relay_port), key)
+        call.media.set_wan(wan.leg, (wan.relay_host or self.main_host, wan.relay_port), key)
+
+    async def _open_media(self, call: Call) -> MediaCall:
+        media = await self.anchor.open_call(call.call_id)
+        call.media = media
+        self._wire_wan(call)
+        return media
 
     async def _connected(self, call: Call, leg: Leg, event: Connect) -> None:
         if call.state == "connected":

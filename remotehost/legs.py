@@ -540,8 +540,7 @@ class TrunkLeg:
             if msg.status == 0:
                 await controller.on_event(self, Disconnect(msg.reason or "hung up"))
             else:
-                reason = msg.reason or "call failed"
-                event = Fail(msg.status, f"{_phrase(msg.status)} ({reason})", warning=reason)
+                event = Fail(msg.status, _reason_phrase(msg.status, msg.reason), msg.reason or None)
                 await controller.on_event(self, event)
         elif isinstance(msg, MediaLeg):
             await controller.on_event(self, WanMedia(msg.leg, msg.relay_host, msg.relay_port))
@@ -559,8 +558,12 @@ async def _ignore(result: UpdateResult) -> None:
     return None
 
 
-def _phrase(status: int) -> str:
-    return REASON_PHRASES.get(status, "Call Failed")
+def _reason_phrase(status: int, reason: str) -> str:
+    """The reason phrase for a failure from the far side: the standard phrase and why."""
+    phrase = REASON_PHRASES.get(status, "Call Failed")
+    if not reason or reason.startswith(phrase):
+        return reason or phrase
+    return f"{phrase} ({reason})"
 
 
 def _host(host: str) -> str:

@@ -447,6 +447,7 @@ async def open_office(
     exts: tuple[str, ...] = ("201", "202", "203", "204"),
     policy: CallPolicy | None = None,
     uplink: FakeUplink | None = None,
+    anchor_port: int = 41000,
 ) -> AsyncIterator[Office]:
     uplink = uplink or FakeUplink(name)
     mirror = write_directory(tmp_path / f"{name}.db", name, first, list(exts))
@@ -460,7 +461,7 @@ async def open_office(
         store=store,
         digest_algorithms=("MD5",),
     )
-    anchor = FakeAnchor()
+    anchor = FakeAnchor(anchor_port)
     legs = Legs(sip, uplink)
     controller = CallController(
         legs=legs,
@@ -544,3 +545,30 @@ class MainHost:
     async def _route(self) -> None:
         async for office, channel, msg in self._from_offices:
             await self.router.on_message(office, channel, msg)
+
+
+@asynccontextmanager
+async def open_two_offices(
+    tmp_path: Path, policy: CallPolicy | None = None
+) -> AsyncIterator[tuple[Office, Office, MainHost]]:
+    """Offices lyon (200-299) and paris (300-399) with the main host's CallRouter between."""
+    main = MainHost()
+    async with (
+        open_office(tmp_path, "lyon", policy=policy) as lyon,
+        open_office(
+            tmp_path, "paris", first=300, exts=("301", "302"), policy=policy, anchor_port=42000
+        ) as paris,
+        trio.open_nursery() as nursery,
+    ):
+        main.add(lyon)
+        main.add(paris)
+        await nursery.start(main.serve)
+        yield lyon, paris, main
+        nursery.cancel_scope.cancel()
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    """Poll until `predicate()` (clean-up runs in the calls' own tasks, signalling no one)."""
+    with trio.fail_after(GUARD):
+        while not predicate():  # noqa: ASYNC110
+            await trio.sleep(0.01)
