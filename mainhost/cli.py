@@ -90,6 +90,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     try:
         config = MainHostConfig(
             public_address=address,
+            media_port=args.media_port,
             trunk=TrunkConfig(listen=args.listen, port=args.trunk_port),
             stun=StunConfig(
                 listen=stun_listen,
@@ -321,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a second IP of this machine, for RFC 3489 NAT type detection",
     )
     p.add_argument("--api-port", type=int, default=8080, metavar="PORT")
+    p.add_argument(
+        "--media-port",
+        type=int,
+        default=5090,
+        metavar="PORT",
+        help="media relay port (UDP; 0: any free port)",
+    )
     p.set_defaults(func=cmd_init)
 
     office = sub.add_parser("office", help="manage offices").add_subparsers(

@@ -87,7 +87,9 @@ class MainHostConfig:
     public_address: str = cfg.field(
         "", "Address remote hosts use to reach this main host (written into join tokens)."
     )
-    media_port: int = cfg.field(5090, "Media relay port (UDP).")
+    media_port: int = cfg.field(
+        5090, "Media relay port (UDP) for calls between offices (0: any free port)."
+    )
     trunk: TrunkConfig = field(default_factory=TrunkConfig)
     stun: StunConfig = field(default_factory=StunConfig)
     api: ApiConfig = field(default_factory=ApiConfig)

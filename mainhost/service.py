@@ -71,6 +71,7 @@ class MainHost:
         )
         self.addresses: dict[str, Any] = {}
         self.stun_service: Any = None
+        self.relay: Any = None
 
     def status(self) -> dict[str, Any]:
         now = time.time()
@@ -86,6 +87,17 @@ class MainHost:
             "listening": self.addresses,
             "trunk": asdict(self.trunk.stats),
             "stun": asdict(self.stun_service.statistics()) if self.stun_service else None,
+            "relay": asdict(self.relay.statistics()) if self.relay else None,
+            "calls": [
+                {
+                    "call_id": b.call_id,
+                    "from_office": b.a[0],
+                    "to_office": b.b[0] if b.b else None,
+                    "answered": b.answered,
+                    "media": self.relay.query(b.call_id) if self.relay else None,
+                }
+                for b in self.trunk.calls.live_calls()
+            ],
             "offices": offices,
         }
 
@@ -146,6 +158,27 @@ class MainHost:
                         await self.trunk.close_all("main host shutting down")
         finally:
             self.store.close()
+
+    async def _start_relay(self, nursery: trio.Nursery) -> None:
+        """The media relay for calls between offices (F3), on the media port (UDP)."""
+        from mainhost.relay import MediaRelay
+
+        def key_for(office: str) -> bytes | None:
+            # The office's current login's key: after a re-login (new public address) the
+            # relay takes the new key at once and learns the new address from its packets.
+            live = self.trunk.online.get(office)
+            return live.conn.session.media_key if live is not None else None
+
+        relay = MediaRelay(key_for)
+        listen, port = self.config.trunk.listen, self.config.media_port
+        try:
+            address = await nursery.start(relay.serve, (listen, port))
+        except OSError as exc:
+            raise bind_error("media relay", listen, port, "udp", exc) from None
+        self.relay = relay
+        self.trunk.calls.relay = relay
+        self.trunk.calls.relay_port = address[1]
+        self.addresses["media"] = f"{address[0]}:{address[1]}/udp"
 
     async def _start_stun(self, nursery: trio.Nursery) -> None:
         from mainhost.stun import serve_stun

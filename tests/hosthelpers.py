@@ -121,6 +121,8 @@ def init_args(data: Path, ports: Ports) -> list[str | Path]:
         str(ports.stun_alternate),
         "--api-port",
         str(ports.api),
+        "--media-port",
+        "0",
     ]
 
 

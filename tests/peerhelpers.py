@@ -308,7 +308,7 @@ class Office:
         run_cli(
             "mainhost", "init", "--data", self.main_data, "--public-address", LOOPBACK,
             "--listen", LOOPBACK, "--trunk-port", str(trunk), "--stun-port", str(stun),
-            "--stun-alternate-port", str(alternate), "--api-port", str(api),
+            "--stun-alternate-port", str(alternate), "--api-port", str(api), "--media-port", "0",
         )  # fmt: skip
         run_cli(
             "mainhost", "office", "add", self.name, "--extensions", self.extensions,
