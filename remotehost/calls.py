@@ -292,6 +292,21 @@ class CallController:
         assert self._nursery is not None, "CallController.serve is not running"
         self._nursery.start_soon(fn)
 
+    def status(self) -> list[dict[str, object]]:
+        """The live calls, for `remotehost status`."""
+        return [
+            {
+                "call_id": call.call_id,
+                "caller": call.offer.caller,
+                "callee": call.offer.callee,
+                "kind": call.kind,
+                "state": call.state,
+                "forks": len(call.b),
+                "anchored": call.media is not None,
+            }
+            for call in self.calls.values()
+        ]
+
     # --- new calls ---
 
     async def new_call(self, a: Leg, offer: Offer) -> None:

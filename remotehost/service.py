@@ -1,7 +1,9 @@
 """`remotehost serve`: the office's services and the one status snapshot they all show.
 
 Owns start-up (the mirror first, so the office works from disk even when the main host is
-unreachable), the uplink to the main host, the public-address watcher and the control socket.
+unreachable), the uplink to the main host, the public-address watcher, the control socket, and
+the wiring of call control: the media anchor, the SIP and trunk legs, and the call controller
+that the SIP service and the uplink hand calls to.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from typing import Any
 import trio
 
 from remotehost import natprobe
+from remotehost.anchor import MediaAnchor
+from remotehost.calls import CallController
 from remotehost.config import CA_NAME, CONFIG_NAME, SECRET_NAME, RemoteHostConfig
+from remotehost.legs import Legs
 from remotehost.location import DB_NAME as LOCATION_DB
 from remotehost.location import Location, SqliteLocationStore
 from remotehost.mirror import DB_NAME, DirectoryMirror
@@ -79,6 +84,22 @@ class RemoteHost:
             keepalive_interval=config.sip.keepalive_interval,
             digest_algorithms=config.sip.digest_algorithms,
         )
+        # Call control: the anchor faces the phones on the SIP service's address; the SDP we
+        # give a phone names our address as that phone reaches it.
+        self.anchor = MediaAnchor(config.sip.listen)
+        self.legs = Legs(self.sip, self.uplink)
+        self.calls = CallController(
+            legs=self.legs,
+            directory=self.mirror,
+            location=self.location,
+            trunk=self.uplink,
+            anchor=self.anchor,
+            media_address=lambda phone_ip: self.sip.local_address(phone_ip)[0],
+            main_host=config.trunk.main_host,
+        )
+        self.legs.controller = self.calls
+        self.sip.attach_calls(self.legs)
+        self.uplink.call_handler = self.calls
 
     def _find_domains(self) -> set[str]:
         """What a phone may put in its REGISTER's Request-URI: our addresses, the realm."""
@@ -126,6 +147,7 @@ class RemoteHost:
                 for b in sorted(self.location.all(), key=lambda b: (b.ext, b.contact))
             ],
             "sip": self.sip.statistics(),
+            "calls": self.calls.status(),
         }
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -146,6 +168,9 @@ class RemoteHost:
                         f"SIP for phones: {sip.listen} port {sip.port}/udp+tcp:"
                         f" {exc.strerror or exc} (sip.port in {self.data / CONFIG_NAME})"
                     ) from None
+                await nursery.start(self.anchor.serve)
+                await nursery.start(self.legs.serve)
+                await nursery.start(self.calls.serve)
                 await nursery.start(serve_control, self.data, {"status": self._status})
                 nursery.start_soon(self.uplink.run)
                 nursery.start_soon(self.uplink.watch_public_address)
