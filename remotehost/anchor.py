@@ -1,0 +1,436 @@
+"""The remote host's media anchor for calls that cross the WAN.
+
+For each such call the anchor holds one UDP socket on the office LAN (its port goes into the SDP
+the remote host gives its phone) and relays between it and the main host's relay through one
+shared WAN socket: RTP from the phone is sealed (`shared.media.wan`, direction 0) and sent to the
+relay tagged with the call's leg id; sealed packets from the relay are opened (direction 1),
+checked against a replay window (RFC 3711 §3.3.2) and sent on to the phone.
+
+It owns the sockets, the latching of the phone's address, the sender counters and the
+keepalives that teach the relay our public address and hold the NAT binding open. It does not
+own signalling, SDP, keys (the caller passes the login's current media key, and a new one with
+`update_key` after a re-login) or the relay's address (from the MediaLeg message).
+
+Phone side, symmetric RTP (RFC 4961): we send to the address from the phone's SDP until its
+first RTP packet arrives, then to wherever that packet really came from (the phone may sit
+behind another NAT or announce a private address), and from then on only that source is heard.
+
+WAN side, no source filter: a packet is ours when it authenticates for the call's leg and is not
+a replay, wherever it came from (the relay may answer from another address of a multi-homed
+host). Addresses on that side never move on unauthenticated input.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from shared.media.rtp import is_rtp_or_rtcp
+from shared.media.wan import (
+    DIRECTION_FROM_RELAY,
+    DIRECTION_TO_RELAY,
+    KIND_KEEPALIVE,
+    ReplayWindow,
+    WanPacketError,
+    open_untrusted,
+    peek_leg_untrusted,
+    seal,
+    seal_keepalive,
+)
+
+__all__ = ["CallMedia", "CallMediaStatistics", "MediaAnchor", "set_dscp_ef"]
+
+KEEPALIVE_INTERVAL = 2.0
+_RECEIVE_SIZE = 2048
+_BATCH = 256
+# RFC 4594 §4.5 / RFC 3246: Expedited Forwarding, DSCP 46, in the TOS / traffic class byte.
+DSCP_EF_TOS = 0xB8
+# Sender counters of closed calls, per (key, leg), so that a leg opened again under the same key
+# never starts again at 0 (a GCM nonce must never repeat). Bounded: the oldest are forgotten.
+_SPENT_LIMIT = 4096
+
+Address = tuple[Any, ...]
+
+
+def set_dscp_ef(sock: socket.socket) -> None:
+    """Mark everything `sock` sends as Expedited Forwarding (F7: voice goes first)."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, DSCP_EF_TOS)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, DSCP_EF_TOS)
+
+
+def _udp_socket(ip: str) -> socket.socket:
+    family = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.bind((ip, 0))
+        sock.setblocking(False)
+        set_dscp_ef(sock)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass(frozen=True)
+class CallMediaStatistics:
+    phone_packets_in: int
+    """RTP/RTCP read from the phone (after the source check)."""
+    wan_packets_out: int
+    """Media sealed and sent to the relay (keepalives not counted)."""
+    wan_packets_in: int
+    """Authentic, fresh media from the relay."""
+    phone_packets_out: int
+    keepalives_sent: int
+    keepalives_in: int
+    dropped_bad_auth: int
+    """From the WAN: failed authentication, wrong direction, malformed."""
+    dropped_replay: int
+    dropped_wrong_source: int
+    """On the phone socket, from another source than the latched phone."""
+    dropped_not_rtp: int
+    dropped_no_route: int
+    """Nowhere to send yet: no WAN leg, or no phone address."""
+    send_failures: int
+    phone_address: tuple[str, int] | None
+    latched: bool
+
+
+class CallMedia:
+    """The media of one call through the anchor; made by `MediaAnchor.open_call`."""
+
+    def __init__(self, anchor: MediaAnchor, call_id: str, phone_sock: socket.socket) -> None:
+        self.call_id = call_id
+        self.local_port: int = phone_sock.getsockname()[1]
+        """The phone-side port, for the SDP the remote host gives its phone."""
+        self.leg: int | None = None
+        self.relay: Address | None = None
+        self._anchor = anchor
+        self._sock = phone_sock
+        self._scope = trio.CancelScope()
+        self._closed = False
+        self._key = b""
+        self._tx_counter = 0
+        self._window = ReplayWindow()
+        self._phone: Address | None = None
+        self._latched = False
+        self._last_wan_send = -float("inf")
+        self._phone_packets_in = 0
+        self._wan_packets_out = 0
+        self._wan_packets_in = 0
+        self._phone_packets_out = 0
+        self._keepalives_sent = 0
+        self._keepalives_in = 0
+        self._dropped_bad_auth = 0
+        self._dropped_replay = 0
+        self._dropped_wrong_source = 0
+        self._dropped_not_rtp = 0
+        self._dropped_no_route = 0
+        self._send_failures = 0
+
+    # -- control --
+
+    def set_phone_target(self, ip: str, port: int) -> None:
+        """Where the phone's SDP says it receives; used until its first packet is latched."""
+        if not self._latched:
+            self._phone = (str(ipaddress.ip_address(ip)), port)
+
+    def set_wan(self, leg: int, relay: tuple[str, int], key: bytes) -> None:
+        """Send this call's media to `relay` (an IP address, not a name) tagged with `leg`,
+        sealed with `key`; a keepalive goes at once so the relay learns our address."""
+        if self._closed:
+            return
+        host, port = relay
+        relay_address = (str(ipaddress.ip_address(host)), port)
+        self._anchor._attach(self, leg, key)
+        self.relay = relay_address
+        self._send_keepalive()
+
+    def update_key(self, key: bytes) -> None:
+        """The uplink logged in again: seal and open with the new media key from now on.
+
+        A keepalive under the new key goes at once: after a new public address it is what
+        moves the relay's latch, so audio to us resumes before our phone speaks again.
+        """
+        if self._closed or self.leg is None:
+            return
+        self._anchor._attach(self, self.leg, key)
+        self._send_keepalive()
+
+    def close(self) -> None:
+        """Stop relaying and release the phone socket (the call's task closes it)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._anchor._detach(self)
+        self._scope.cancel()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def statistics(self) -> CallMediaStatistics:
+        phone = None if self._phone is None else (self._phone[0], self._phone[1])
+        return CallMediaStatistics(
+            phone_packets_in=self._phone_packets_in,
+            wan_packets_out=self._wan_packets_out,
+            wan_packets_in=self._wan_packets_in,
+            phone_packets_out=self._phone_packets_out,
+            keepalives_sent=self._keepalives_sent,
+            keepalives_in=self._keepalives_in,
+            dropped_bad_auth=self._dropped_bad_auth,
+            dropped_replay=self._dropped_replay,
+            dropped_wrong_source=self._dropped_wrong_source,
+            dropped_not_rtp=self._dropped_not_rtp,
+            dropped_no_route=self._dropped_no_route,
+            send_failures=self._send_failures,
+            phone_address=phone,
+            latched=self._latched,
+        )
+
+    # -- packets --
+
+    def _send_wan(self, packet: bytes) -> bool:
+        assert self.relay is not None
+        # Counted as sent even when the kernel refuses it, so a failing path is retried at the
+        # keepalive pace and not in a busy loop.
+        self._last_wan_send = trio.current_time()
+        try:
+            self._anchor._wan_send(packet, self.relay)
+        except OSError:  # BlockingIOError too: a full buffer drops the packet
+            self._send_failures += 1
+            return False
+        return True
+
+    def _send_keepalive(self) -> None:
+        assert self.leg is not None
+        packet = seal_keepalive(self._key, DIRECTION_TO_RELAY, self.leg, self._tx_counter)
+        self._tx_counter += 1
+        if self._send_wan(packet):
+            self._keepalives_sent += 1
+
+    def _from_phone(self, data: bytes, source: Address) -> None:
+        if not is_rtp_or_rtcp(data):
+            # STUN, probes, junk: nothing of it belongs on the WAN.
+            self._dropped_not_rtp += 1
+            return
+        if not self._latched:
+            # RFC 4961 symmetric RTP: answer where the phone really sends from.
+            self._phone = source
+            self._latched = True
+        elif source != self._phone:
+            self._dropped_wrong_source += 1
+            return
+        self._phone_packets_in += 1
+        if self.leg is None:
+            self._dropped_no_route += 1
+            return
+        packet = seal(self._key, DIRECTION_TO_RELAY, self.leg, self._tx_counter, data)
+        self._tx_counter += 1
+        if self._send_wan(packet):
+            self._wan_packets_out += 1
+
+    def _from_relay(self, data: bytes) -> None:
+        try:
+            _, counter, kind, payload = open_untrusted(self._key, data, DIRECTION_FROM_RELAY)
+        except WanPacketError:
+            self._dropped_bad_auth += 1
+            return
+        if not self._window.accept(counter):
+            self._dropped_replay += 1
+            return
+        if kind == KIND_KEEPALIVE:
+            self._keepalives_in += 1
+            return
+        self._wan_packets_in += 1
+        if self._phone is None:
+            self._dropped_no_route += 1
+            return
+        try:
+            self._sock.sendto(payload, self._phone)
+        except OSError:
+            self._send_failures += 1
+            return
+        self._phone_packets_out += 1
+
+    # -- the call's task --
+
+    async def _run(self, keepalive_interval: float) -> None:
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._keepalive_loop, keepalive_interval)
+                    await self._phone_loop()
+        finally:
+            self._sock.close()
+
+    async def _phone_loop(self) -> None:
+        sock = self._sock
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(_BATCH):
+                try:
+                    data, source = sock.recvfrom(_RECEIVE_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    continue  # an ICMP error for an earlier send (the phone went away)
+                self._from_phone(data, source)
+            else:
+                await trio.lowlevel.checkpoint()
+
+    async def _keepalive_loop(self, interval: float) -> None:
+        # While the phone is silent (before it speaks, on hold, muted) the relay would forget
+        # nothing, but the office NAT would: a UDP binding lasts as little as 30 s (RFC 4787
+        # REQ-5 asks for 2 min; routers do less). Media itself counts as keepalive.
+        while True:
+            await trio.sleep_until(max(self._last_wan_send + interval, trio.current_time()))
+            if self.leg is None:
+                await trio.sleep(interval)
+            elif trio.current_time() >= self._last_wan_send + interval:
+                self._send_keepalive()
+
+
+@dataclass(frozen=True)
+class AnchorStatistics:
+    calls: int
+    received: int
+    dropped_malformed: int
+    dropped_unknown_leg: int
+
+
+class MediaAnchor:
+    """One remote host's media anchor: the shared WAN socket and the calls' phone sockets.
+
+    `serve` runs the WAN socket and owns a nursery for the calls' tasks: a call's socket lives
+    exactly as long as its task, so `open_call` needs `serve` to be running.
+    """
+
+    def __init__(
+        self,
+        phone_side_ip: str,
+        *,
+        wan_ip: str = "0.0.0.0",
+        keepalive_interval: float = KEEPALIVE_INTERVAL,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.phone_side_ip = str(ipaddress.ip_address(phone_side_ip))
+        self.wan_ip = str(ipaddress.ip_address(wan_ip))
+        self.wan_port = 0
+        """The WAN socket's port, once `serve` has started."""
+        self.keepalive_interval = keepalive_interval
+        self._log = logger or logging.getLogger(__name__)
+        self._wan_sock: socket.socket | None = None
+        self._nursery: trio.Nursery | None = None
+        self._calls: dict[str, CallMedia] = {}
+        self._by_leg: dict[int, CallMedia] = {}
+        self._spent: dict[tuple[bytes, int], int] = {}
+        self._received = 0
+        self._dropped_malformed = 0
+        self._dropped_unknown_leg = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind the WAN socket on port 0 and relay until cancelled; started with `wan_port`."""
+        sock = _udp_socket(self.wan_ip)
+        try:
+            self.wan_port = sock.getsockname()[1]
+            self._wan_sock = sock
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started(self.wan_port)
+                await self._wan_loop(sock)
+        finally:
+            self._nursery = None
+            self._wan_sock = None
+            for media in list(self._calls.values()):
+                media.close()
+            sock.close()
+
+    async def open_call(self, call_id: str) -> CallMedia:
+        """Bind a phone-side socket for `call_id` (port in `local_port`)."""
+        if self._nursery is None:
+            raise RuntimeError("the anchor is not serving")
+        if call_id in self._calls:
+            raise ValueError(f"call {call_id!r} already has media")
+        sock = _udp_socket(self.phone_side_ip)
+        media = CallMedia(self, call_id, sock)
+        self._calls[call_id] = media
+        self._nursery.start_soon(media._run, self.keepalive_interval)
+        await trio.lowlevel.checkpoint()
+        return media
+
+    def call(self, call_id: str) -> CallMedia | None:
+        return self._calls.get(call_id)
+
+    def statistics(self) -> AnchorStatistics:
+        return AnchorStatistics(
+            calls=len(self._calls),
+            received=self._received,
+            dropped_malformed=self._dropped_malformed,
+            dropped_unknown_leg=self._dropped_unknown_leg,
+        )
+
+    # -- for CallMedia --
+
+    def _wan_send(self, packet: bytes, address: Address) -> None:
+        if self._wan_sock is None:
+            raise OSError("the anchor is not serving")
+        self._wan_sock.sendto(packet, address)
+
+    def _attach(self, media: CallMedia, leg: int, key: bytes) -> None:
+        """Give `media` (leg, key), keeping its sender counter unique per (key, leg)."""
+        owner = self._by_leg.get(leg)
+        if owner is not None and owner is not media:
+            raise ValueError(f"leg {leg} is already used by call {owner.call_id!r}")
+        if media.leg == leg and media._key == key:
+            return
+        self._retire(media)
+        media.leg = leg
+        media._key = key
+        media._tx_counter = self._spent.pop((key, leg), 0)
+        # A new key (or leg) starts a new sender on the relay's side too.
+        media._window = ReplayWindow()
+        self._by_leg[leg] = media
+
+    def _detach(self, media: CallMedia) -> None:
+        self._retire(media)
+        if self._calls.get(media.call_id) is media:
+            del self._calls[media.call_id]
+
+    def _retire(self, media: CallMedia) -> None:
+        if media.leg is None:
+            return
+        if self._by_leg.get(media.leg) is media:
+            del self._by_leg[media.leg]
+        self._spent[(media._key, media.leg)] = media._tx_counter
+        while len(self._spent) > _SPENT_LIMIT:
+            del self._spent[next(iter(self._spent))]
+
+    async def _wan_loop(self, sock: socket.socket) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(_BATCH):
+                try:
+                    data, _source = sock.recvfrom(_RECEIVE_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    continue  # an ICMP error for an earlier send (relay unreachable)
+                self._received += 1
+                try:
+                    media = self._by_leg.get(peek_leg_untrusted(data))
+                except WanPacketError:
+                    self._dropped_malformed += 1
+                    continue
+                if media is None:
+                    self._dropped_unknown_leg += 1
+                    continue
+                media._from_relay(data)
+            else:
+                await trio.lowlevel.checkpoint()
