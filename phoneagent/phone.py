@@ -157,6 +157,7 @@ class Call:
         self.remote_hold = False
         self.progress: list[int] = []
         self._answered = trio.Event()
+        self._ringing = trio.Event()
         self._ended = trio.Event()
         self._reinvite_done = trio.Event()
         self._reinvite_status = 0
@@ -189,6 +190,10 @@ class Call:
         await self._answered.wait()
         if self._failure is not None:
             raise self._failure
+
+    async def wait_ringing(self) -> None:
+        """Until the other side rings (a 180/183), answers, or the call ends."""
+        await self._ringing.wait()
 
     async def wait_ended(self) -> CallStats:
         await self._ended.wait()
@@ -337,6 +342,7 @@ class Call:
             self._apply(plan)
         self._answered_at = trio.current_time()
         self._answered.set()
+        self._ringing.set()
 
     def _on_reinvite_done(self, status: int, answer: bytes) -> None:
         self._reinvite_status = status
@@ -349,6 +355,7 @@ class Call:
             if plan is not None:
                 # The holder sends nothing either: this agent plays no music on hold.
                 self.local_hold = hold
+                self.plan = plan
                 self.media.local_hold = hold
                 self.media.configure(plan)
         self._reinvite_done.set()
@@ -365,6 +372,7 @@ class Call:
         self._ended_at = trio.current_time()
         self._finish_media()
         self._answered.set()  # wake wait_answered: it sees the failure (or the end)
+        self._ringing.set()
         self._ended.set()
         self.phone._calls.pop(self.call_id, None)
 
@@ -535,6 +543,7 @@ class Phone:
             return
         if isinstance(event, CallProgress):
             call.progress.append(event.status)
+            call._ringing.set()
         elif isinstance(event, CallAnswered):
             call._on_answered(event.answer)
         elif isinstance(event, CallFailed):
@@ -684,13 +693,23 @@ async def open_phone(
         register_expires=register_expires,
         register_timeout=register_timeout,
     )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(phone._serve, sip_port)
-        try:
-            if address is not None and register:
-                await phone.register()
-            yield phone
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(10):
-                await phone.aclose()
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(phone._serve, sip_port)
+            try:
+                if address is not None and register:
+                    await phone.register()
+                yield phone
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(10):
+                    await phone.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The caller sees what went wrong (PhoneError, OSError, its own exception), not the
+        # nursery's wrapping of it.
+        inner: BaseException = group
+        while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+            inner = inner.exceptions[0]
+        if inner is group:
+            raise
+        raise inner from None
