@@ -1200,6 +1200,22 @@ async def test_tcp_trickled_message_is_cut_off(
     assert server.recorder.seen == []
 
 
+async def test_tcp_message_timeout_restarts_for_each_message(
+    nursery: trio.Nursery, tcp_connect: TcpConnect, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start(nursery, tcp_idle_timeout=300.0, tcp_message_timeout=20.0)
+    peer = await tcp_connect(server.address)
+    first, second = tcp_request("first"), tcp_request("second")
+    await peer.send(first[:50])
+    await trio.sleep(15.0)
+    await peer.send(first[50:] + second[:50])  # the second message starts at 15 s ...
+    assert (await peer.next_response()).call_id == "first"
+    await trio.sleep(15.0)  # ... so at 30 s it has had 15 of its 20 s
+    await peer.send(second[50:])
+    assert (await peer.next_response()).call_id == "second"
+    assert server.transport.statistics().tcp_closed_idle == 0
+
+
 async def test_tcp_connection_limit(nursery: trio.Nursery, tcp_connect: TcpConnect) -> None:
     server = await start(nursery, max_tcp_connections=1)
     first = await tcp_connect(server.address)

@@ -728,15 +728,17 @@ class SipTransport:
                     return
                 continue  # we sent something meanwhile: not idle
             connection.last_activity = trio.current_time()
+            completed = framer.messages_received
             framer.receive_data(data)
             if not await self._drain_framer(framer, source):
                 return
             if not data:
                 return  # the peer closed its side
-            # A lone CRLF (up to a half ping) is held by the framer and is no message yet.
+            # A lone CRLF (up to a half ping) is held by the framer and is no message yet; a
+            # message begun in the segment that completed another gets its own full time.
             if framer.buffered > len(b"\r\n\r\n"):
-                if message_started is None:
-                    message_started = trio.current_time()
+                if message_started is None or framer.messages_received != completed:
+                    message_started = connection.last_activity
             else:
                 message_started = None
 
