@@ -125,6 +125,7 @@ class MainHost:
         # when the nursery is cancelled would otherwise use a closed database.
         try:
             async with trio.open_nursery() as nursery:
+                await self._start_relay(nursery)
                 await nursery.start(self.trunk.serve, trunk_listeners)
                 if config.stun.enabled:
                     await self._start_stun(nursery)
