@@ -210,7 +210,9 @@ class SipTrace:
 class Baresip:
     """baresip, headless: config and accounts in a directory, ctrl_tcp for commands."""
 
-    def __init__(self, workdir: Path, ext: str, password: str, registrar_port: int) -> None:
+    def __init__(
+        self, workdir: Path, ext: str, password: str, registrar_port: int, regint: int
+    ) -> None:
         self.binary = need("baresip")
         self.dir = workdir / "baresip"
         self.dir.mkdir()
@@ -227,7 +229,7 @@ class Baresip:
             f"ctrl_tcp_listen\t{LOOPBACK}:{self.ctrl_port}\n"
         )
         (self.dir / "accounts").write_text(
-            f"<sip:{ext}@{LOOPBACK}:{registrar_port}>;auth_pass={password};regint=60\n"
+            f"<sip:{ext}@{LOOPBACK}:{registrar_port}>;auth_pass={password};regint={regint}\n"
         )
         self.log = self.dir / "baresip.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -273,7 +275,9 @@ REFRESH_GUARD = 90.0
 
 
 def test_baresip_registers_refreshes_and_unregisters(office: Office, tmp_path: Path):
-    phone = Baresip(tmp_path, "2002", PHONES["2002"], office.sip_port)
+    # It asks for 30 s, below the registrar's minimum: 423 with Min-Expires 60 (RFC 3261
+    # §10.3 step 7), and baresip asks again for 60.
+    phone = Baresip(tmp_path, "2002", PHONES["2002"], office.sip_port, regint=30)
     try:
         phone.start()
         contact_part = f"@{LOOPBACK}:{phone.sip_port}"
@@ -290,8 +294,17 @@ def test_baresip_registers_refreshes_and_unregisters(office: Office, tmp_path: P
         # baresip's own view: registered, with our registrar's 200.
         info = phone.command("reginfo")
         assert info["ok"], info
-        assert "200 OK" in info["data"] or "OK" in info["data"], info
+        view = re.sub(r"\x1b\[[0-9;]*m", "", info["data"])
+        where = re.escape(f"sip:2002@{LOOPBACK}:{office.sip_port}")
+        assert re.search(rf"{where}\s+OK\s+branchpbx-remotehost", view), view
         first = phone.trace()
+        too_brief = [h for _, start, h in first.messages if start.startswith("SIP/2.0 423")]
+        assert too_brief and too_brief[0]["min-expires"] == "60", first.messages
+        assert [h["contact"].rsplit(";", 1)[-1] for h in first.registers()[:3]] == [
+            "expires=30",  # challenged
+            "expires=30",  # 423
+            "expires=60",  # 200
+        ]
         assert first.ok_cseqs(), "baresip saw no 200 for its REGISTER"
         call_id = first.registers()[0]["call-id"]
         first_ok = max(first.ok_cseqs())
