@@ -44,7 +44,7 @@ from shared.media.sdp import (
     is_on_hold,
     parse_sdp_untrusted,
 )
-from shared.wire.messages import CallSetup, GrantReply
+from shared.wire.messages import CallSetup, GrantReply, Message
 
 log = logging.getLogger("remotehost.calls")
 
@@ -279,7 +279,7 @@ class CallController:
         self.main_host = main_host
         self.policy = policy
         self.calls: dict[str, Call] = {}
-        self._trunk_legs: dict[int, Leg] = {}
+        self._trunk_legs: dict[int, Callable[[Message], Awaitable[None]]] = {}
         self._nursery: trio.Nursery | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -322,8 +322,11 @@ class CallController:
         self.calls[call.call_id] = call
         self._spawn(lambda: self._run(call))
 
-    def register_trunk_leg(self, channel: int, leg: Leg) -> None:
-        self._trunk_legs[channel] = leg
+    def register_trunk_leg(
+        self, channel: int, on_message: Callable[[Message], Awaitable[None]]
+    ) -> None:
+        """Trunk messages on `channel` go to `on_message` (the trunk leg of a call)."""
+        self._trunk_legs[channel] = on_message
 
     def forget_trunk_leg(self, channel: int) -> None:
         self._trunk_legs.pop(channel, None)
@@ -636,12 +639,12 @@ class CallController:
 
     # --- the trunk ---
 
-    async def on_trunk_message(self, channel: int, msg: object) -> None:
-        leg = self._trunk_legs.get(channel)
-        handle = getattr(leg, "on_message", None)
+    async def on_trunk_message(self, channel: int, msg: Message) -> None:
+        handle = self._trunk_legs.get(channel)
         if handle is not None:
             await handle(msg)
             return
+        # A new call from another office comes on a channel the main host numbered (even).
         if isinstance(msg, CallSetup) and channel % 2 == 0:
             leg = self.legs.trunk_leg(msg.call_id, channel)
             offer = Offer(msg.caller, msg.callee, None, tuple(msg.codecs), msg.caller_name)

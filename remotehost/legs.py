@@ -529,7 +529,7 @@ class TrunkLeg:
             )
         return UpdateResult(200, "OK") if sent else UpdateResult(503, "Service Unavailable")
 
-    async def on_message(self, msg: object) -> None:
+    async def on_message(self, msg: Message) -> None:
         controller = self.controller
         if isinstance(msg, CallProgress):
             await controller.on_event(self, Ring(msg.status, msg.reason or "Ringing"))
@@ -605,7 +605,7 @@ class Legs:
             self, call_id, channel if channel is not None else self.trunk.new_call_channel()
         )
         assert self.controller is not None
-        self.controller.register_trunk_leg(leg.channel, leg)
+        self.controller.register_trunk_leg(leg.channel, leg.on_message)
         return leg
 
     def forget(self, leg: SipLeg, keep: TransactionKey | None = None) -> None:
