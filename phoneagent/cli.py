@@ -209,10 +209,10 @@ async def _run(args: argparse.Namespace) -> None:
             sip_port=args.sip_port,
             register_timeout=10.0,
         ) as phone:
-            if args.verbose or not args.json:
-                logging.getLogger("phoneagent").info(
-                    "listening on %s (%s)", phone.uri, "registered" if args.server else "direct"
-                )
+            # Scripts (and tests) read our address from this line: with --sip-port 0 it is
+            # the only way to learn the port.
+            how = f"registered at {args.server}" if args.server else "not registered"
+            print(f"phoneagent: listening on {phone.uri} ({how})", file=sys.stderr, flush=True)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(out.show_messages, phone)
                 if args.command == "call":
