@@ -64,6 +64,7 @@ DIRECTION_FROM_RELAY = 1
 KEY_SIZE = 32
 TAG_SIZE = 16
 _HEADER = struct.Struct("!BBHIQ")
+_NONCE = struct.Struct("!B3xQ")  # direction, three zero bytes, counter
 HEADER_SIZE = _HEADER.size  # 16
 OVERHEAD = HEADER_SIZE + TAG_SIZE
 """Bytes a sealed packet adds to its payload (32)."""
@@ -129,8 +130,8 @@ def seal(
     if not 0 <= counter <= MAX_COUNTER:
         raise ValueError("counter out of range")
     header = _HEADER.pack(kind, direction, 0, leg, counter)
-    nonce = header[1:2] + b"\0\0\0" + header[8:16]
-    return header + _cipher(key, leg).encrypt(nonce, payload, header)
+    cipher = _ciphers.get((key, leg)) or _cipher(key, leg)
+    return header + cipher.encrypt(_NONCE.pack(direction, counter), payload, header)
 
 
 def seal_keepalive(key: bytes, direction: int, leg: int, counter: int) -> bytes:
@@ -164,10 +165,11 @@ def open_untrusted(key: bytes, packet: bytes, expected_direction: int) -> WanPac
     if direction != expected_direction:
         # A packet reflected back at its sender: refused before spending an AEAD operation.
         raise WanPacketError(WanDefect.WRONG_DIRECTION, f"direction {direction}")
-    header = packet[:HEADER_SIZE]
-    nonce = header[1:2] + b"\0\0\0" + header[8:16]
+    cipher = _ciphers.get((key, leg)) or _cipher(key, leg)
     try:
-        payload = _cipher(key, leg).decrypt(nonce, packet[HEADER_SIZE:], header)
+        payload = cipher.decrypt(
+            _NONCE.pack(direction, counter), packet[HEADER_SIZE:], packet[:HEADER_SIZE]
+        )
     except InvalidTag:
         raise WanPacketError(WanDefect.BAD_TAG, "authentication failed") from None
     return WanPacket(leg, counter, kind, payload)
