@@ -215,6 +215,8 @@ def lab_namespaces(lab_id: str) -> list[str]:
 
 def test_not_root_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    # Also after the tools were found once (an earlier test as root): root is checked each time.
+    monkeypatch.setattr(netlab, "_TOOLS", {"ip": "/usr/sbin/ip"})
     with pytest.raises(netlab.NotRootError, match="needs root"):
         netlab.check_requirements()
     with pytest.raises(netlab.NotRootError):
@@ -368,7 +370,6 @@ def test_two_labs_coexist_with_the_same_addresses(lab_factory: LabFactory) -> No
 
 
 def test_loading_an_unknown_lab_is_a_lab_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(netlab, "_TOOLS", {"ip": "ip"})  # load() needs no tool before parsing
     monkeypatch.setattr(netlab, "REGISTRY_DIR", Path(__file__).parent / "no-such-registry")
     with pytest.raises(netlab.LabError, match="no lab"):
         netlab.Lab.load("abcdef")

@@ -151,8 +151,9 @@ def check_requirements(search_path: str | None = None) -> dict[str, str]:
 
 
 def _tools() -> dict[str, str]:
+    """The tools' paths, looked up once; whether we are root is checked every time."""
     global _TOOLS
-    if _TOOLS is None:
+    if _TOOLS is None or os.geteuid() != 0:
         _TOOLS = check_requirements()
     return _TOOLS
 
@@ -672,10 +673,10 @@ class Lab:
 
         The caller does not own it: it is not destroyed when this process exits.
         """
-        _tools()
         desc = _read_registry(lab_id)
         if desc is None:
             raise LabError(f"no lab {lab_id!r} in {REGISTRY_DIR} (see `lab list`)")
+        _tools()
         lab = cls.__new__(cls)
         lab.id = lab_id
         lab.different_subnets = bool(desc.get("different_subnets"))
