@@ -8,6 +8,7 @@ carry no RTP: those tests check signalling and SIPp's exit status.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from tests.peerhelpers import (
     open_office,
     peer_binary,
     stop_process,
+    wait_for,
 )
 
 PHONES = {"2001": "alpha-secret", "2002": "bravo-secret"}
@@ -95,6 +97,20 @@ def start_uas(port: int, workdir: Path) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
+def wait_bound(port: int) -> None:
+    """Until someone (SIPp) holds UDP `port` on loopback."""
+
+    def taken() -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((LOOPBACK, port))
+            except OSError:
+                return True
+            return False
+
+    wait_for(taken, f"SIPp to bind port {port}")
+
+
 def run_uac(argv: list[str], workdir: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         argv, cwd=workdir, capture_output=True, text=True, timeout=GUARD, check=False,
@@ -106,17 +122,10 @@ async def test_sipp_uas_answers_a_call_from_the_agent(tmp_path: Path) -> None:
     port = free_sip_port()
     process = start_uas(port, tmp_path)
     try:
+        await trio.to_thread.run_sync(wait_bound, port)
         with trio.fail_after(GUARD):
             async with open_phone(ext="2001") as phone:
-                call = None
-                for _ in range(50):  # SIPp needs a moment to bind: retry while nothing answers
-                    call = await phone.call(f"sip:service@{LOOPBACK}:{port}", tone=440)
-                    with trio.move_on_after(2):
-                        await call.wait_ringing()
-                    if call.progress or call.answered:
-                        break
-                    await call.hangup()
-                assert call is not None
+                call = await phone.call(f"sip:service@{LOOPBACK}:{port}", tone=440)
                 await call.wait_answered()
                 assert 180 in call.progress
                 await trio.sleep(1.0)
