@@ -156,7 +156,9 @@ class Registrar:
                 "Unauthorized",
                 [("WWW-Authenticate", c) for c in result.challenges],
             )
-        self.throttle.success(origin.ip)
+        # A success does not wipe the address's failures (they are forgotten block_seconds
+        # after the last one): else a phone with one good account could guess the others'
+        # passwords forever, registering itself between guesses.
         # Step 6: the authenticated user may change only its own extension's bindings.
         aor = _user(request)
         if aor is None or aor != result.username:

@@ -289,7 +289,7 @@ class SipService:
                 "Proxy Authentication Required",
                 [("Proxy-Authenticate", c) for c in result.challenges],
             )
-        registrar.throttle.success(ip)
+        # As for REGISTER, a success does not wipe the address's failures (registrar.py).
         try:
             uri = request.from_.uri
         except SipParseError:

@@ -430,13 +430,32 @@ def test_missing_credentials_do_not_count_as_failures(registrar):
     assert registrar.stats.auth_failures == 0
 
 
-def test_a_success_resets_the_failure_count(registrar):
-    for _ in range(4):
-        fail_password(registrar, PHONE)
-    assert register(registrar, Phone("201")).status == 200
-    for _ in range(4):
-        fail_password(registrar, PHONE)
-    assert not registrar.blocked(PHONE.ip, NOW)
+def test_successes_do_not_wipe_the_failures_of_an_address(registrar):
+    """An insider with one account must not guess the others' passwords forever by
+    registering its own extension between guesses."""
+    insider = Phone("201")
+    for round_ in range(3):
+        guesser = Phone("202", password=f"guess-{round_}")
+        guesser.learn(send(registrar, guesser.register(), ATTACKER))
+        for _ in range(2):
+            response = registrar.handle_register(guesser.register(), ATTACKER, NOW)
+            if response is None:
+                break
+            assert response.status == 401
+        if registrar.blocked(ATTACKER.ip, NOW):
+            break
+        assert register(registrar, insider, origin=ATTACKER).status == 200
+    assert registrar.blocked(ATTACKER.ip, NOW)
+    assert registrar.stats.auth_failures == 5
+
+
+def test_failures_are_forgotten_after_block_seconds():
+    registrar = make_registrar(policy=RegistrarPolicy(block_seconds=60))
+    for minute in range(10):
+        for _ in range(4):
+            fail_password(registrar, PHONE, NOW + minute * 61)
+    assert not registrar.blocked(PHONE.ip, NOW + 9 * 61)
+    assert register(registrar, Phone("201"), now=NOW + 9 * 61).status == 200
 
 
 def test_block_lifts_after_block_seconds():

@@ -15,17 +15,20 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
 
+from remotehost.legs import Legs
 from remotehost.location import DB_NAME, Binding, Location, SqliteLocationStore
 from remotehost.registrar import RegistrarPolicy
 from remotehost.sipservice import SERVER_NAME, SipService
+from shared.aio.sip_transport import Source
+from shared.sip.digest import answer_challenge, parse_challenge_untrusted
 from shared.sip.framing import SipStreamFramer
 from shared.sip.message import SipMessage, SipRequest, SipResponse, parse_message_untrusted
-from shared.sip.transaction import State, make_ack_for_failure, server_key
+from shared.sip.transaction import State, TransactionKey, make_ack_for_failure, server_key
 from tests.siphelpers import (
     DOMAIN,
     REALM,
@@ -576,6 +579,69 @@ async def test_a_blocked_source_gets_nothing_while_another_is_served(running):
     finally:
         attacker.close()
         phone_client.close()
+
+
+class FakeCalls:
+    """Stands in for the office's call legs: records the authenticated INVITEs."""
+
+    def __init__(self) -> None:
+        self.callers: list[str] = []
+
+    async def on_invite(
+        self, key: TransactionKey, request: SipRequest, source: Source, caller: str
+    ) -> None:
+        self.callers.append(caller)
+
+    async def on_request(
+        self, key: TransactionKey, request: SipRequest, cancels: TransactionKey | None
+    ) -> SipResponse | None:
+        return None
+
+    def on_ack(self, request: SipRequest) -> None:
+        pass
+
+    async def on_response(self, key: TransactionKey, response: SipResponse) -> None:
+        pass
+
+    async def on_timeout(self, key: TransactionKey, response: SipResponse | None) -> None:
+        pass
+
+
+async def invite_as(client: UdpClient, calls: FakeCalls, ext: str, password: str) -> None:
+    """An authenticated INVITE (RFC 3261 §22.3: 407, then Proxy-Authorization)."""
+    uri = f"sip:299@{DOMAIN}"
+    first = await client.request(request_bytes("INVITE", uri=uri, via=via_of(client)))
+    assert first.status == 407
+    challenge = parse_challenge_untrusted(first.headers.get("Proxy-Authenticate") or "")
+    authorization = answer_challenge(
+        challenge, method="INVITE", uri=uri, username=ext, password=password, cnonce="c", nc=1
+    )
+    before = len(calls.callers)
+    await client.send(
+        request_bytes(
+            "INVITE", uri=uri, via=via_of(client), extra=[("Proxy-Authorization", authorization)]
+        )
+    )
+    await wait_until(lambda: len(calls.callers) > before)
+
+
+async def test_successes_do_not_wipe_the_failures_of_an_address(running):
+    """An insider with one account must not guess the others' passwords forever by
+    authenticating as itself (REGISTER or INVITE) between guesses."""
+    calls = FakeCalls()
+    running.service.attach_calls(cast(Legs, calls))
+    insider = UdpClient.open(running.address, "127.0.0.2")
+    try:
+        for _ in range(2):
+            for _ in range(2):
+                await fail_password(insider)
+            await invite_as(insider, calls, "201", "secret-201")
+            assert (await register(insider, insider.phone("201"))).status == 200
+        assert calls.callers == ["201", "201"]
+        await fail_password(insider)  # the fifth failure
+        assert running.service.registrar.blocked("127.0.0.2", running.clock.now)
+    finally:
+        insider.close()
 
 
 # -- keepalive pings ------------------------------------------------------------------------------
