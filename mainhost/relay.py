@@ -31,6 +31,7 @@ import trio
 from shared.media.wan import (
     DIRECTION_FROM_RELAY,
     DIRECTION_TO_RELAY,
+    KEY_SIZE,
     KIND_KEEPALIVE,
     ReplayWindow,
     WanDefect,
@@ -79,7 +80,7 @@ class RelayStatistics:
     dropped_malformed: int
     dropped_unknown_leg: int
     dropped_no_key: int
-    """For a leg whose office has no media key (logged out)."""
+    """For a leg whose office has no usable media key (logged out)."""
     dropped_bad_tag: int
     dropped_replay: int
     dropped_wrong_direction: int
@@ -321,7 +322,7 @@ class MediaRelay:
             self._dropped_unknown_leg += 1
             return
         key = self._key_for(leg.office)
-        if key is None:
+        if key is None or len(key) != KEY_SIZE:
             leg.dropped_no_key += 1
             self._dropped_no_key += 1
             return
@@ -365,7 +366,7 @@ class MediaRelay:
             self._unrouted += 1
             return
         peer_key = self._key_for(peer.office)
-        if peer_key is None:
+        if peer_key is None or len(peer_key) != KEY_SIZE:
             leg.unrouted += 1
             self._unrouted += 1
             return

@@ -34,6 +34,7 @@ from shared.media.rtp import is_rtp_or_rtcp
 from shared.media.wan import (
     DIRECTION_FROM_RELAY,
     DIRECTION_TO_RELAY,
+    KEY_SIZE,
     KIND_KEEPALIVE,
     ReplayWindow,
     WanPacketError,
@@ -385,6 +386,9 @@ class MediaAnchor:
 
     def _attach(self, media: CallMedia, leg: int, key: bytes) -> None:
         """Give `media` (leg, key), keeping its sender counter unique per (key, leg)."""
+        if len(key) != KEY_SIZE:
+            # Refused here, in the caller's call: later, in a call's task, it would end them all.
+            raise ValueError(f"a media key is {KEY_SIZE} bytes, not {len(key)}")
         owner = self._by_leg.get(leg)
         if owner is not None and owner is not media:
             raise ValueError(f"leg {leg} is already used by call {owner.call_id!r}")

@@ -700,3 +700,17 @@ async def test_sockets_are_marked_expedited_forwarding(
     assert anchor._wan_sock is not None
     assert anchor._wan_sock.getsockopt(socket.IPPROTO_IP, socket.IP_TOS) == 0xB8
     assert media._sock.getsockopt(socket.IPPROTO_IP, socket.IP_TOS) == 0xB8
+
+
+async def test_a_key_of_the_wrong_size_is_refused_at_once(
+    nursery: trio.Nursery, keys: dict[str, bytes]
+) -> None:
+    anchor = await start_anchor(nursery)
+    media = await anchor.open_call("c1")
+    with pytest.raises(ValueError):
+        media.set_wan(5, (LOOPBACK, 9), b"short")
+    assert media.leg is None
+    media.set_wan(5, (LOOPBACK, 9), keys["a"])
+    with pytest.raises(ValueError):
+        media.update_key(b"x" * 16)
+    assert media.leg == 5

@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mainhost.relay import MediaRelay
+from mainhost.relay import MediaRelay, RelayStatistics
 from shared.media.rtp import RtpPacket
 from shared.media.wan import (
     DIRECTION_FROM_RELAY,
@@ -499,3 +501,133 @@ async def test_ipv6_relay_sets_traffic_class(keys: dict[str, bytes]) -> None:
             await wait_for(lambda: relay.statistics().keepalives == 1)
         nursery.cancel_scope.cancel()
     assert relay._sock is None
+
+
+# -- the packet path as a model (no sockets) --------------------------------------------------
+
+
+class RecordingSocket:
+    """Stands in for the relay's socket: records what would be sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Any]] = []
+
+    def sendto(self, data: bytes, address: Any) -> int:
+        self.sent.append((data, address))
+        return len(data)
+
+
+def _drops(stats: RelayStatistics) -> int:
+    return (
+        stats.dropped_malformed
+        + stats.dropped_unknown_leg
+        + stats.dropped_bad_tag
+        + stats.dropped_replay
+        + stats.dropped_wrong_direction
+    )
+
+
+KINDS_OF_PACKET = ["media", "keepalive", "replay", "flip", "other_key", "reflected", "junk"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["a", "b"]), st.sampled_from(KINDS_OF_PACKET), st.integers(0, 2)),
+        max_size=40,
+    ),
+    st.randoms(use_true_random=False),
+)
+def test_packet_path_matches_a_model(steps: list[tuple[str, str, int]], rng: random.Random) -> None:
+    keys = {"a": bytes(range(32)), "b": bytes(range(100, 132))}
+    relay = MediaRelay(keys.get)
+    legs = {"a": relay.offer("c1", "a"), "b": relay.answer("c1", "b")}
+    peer = {"a": "b", "b": "a"}
+    role = {"a": "offer", "b": "answer"}
+    sock = RecordingSocket()
+    counters = {"a": 0, "b": 0}
+    accepted: dict[str, list[bytes]] = {"a": [], "b": []}
+    address: dict[str, Any] = {"a": None, "b": None}
+    tx = {"a": 0, "b": 0}
+    forwarded = 0
+    for office, kind, source_index in steps:
+        source = (LOOPBACK, 40000 + source_index)
+        leg = legs[office]
+        good = kind in ("media", "keepalive")
+        if kind == "media" or kind == "keepalive":
+            payload = rtp(counters[office]) if kind == "media" else b""
+            packet = seal(
+                keys[office],
+                DIRECTION_TO_RELAY,
+                leg,
+                counters[office],
+                payload,
+                kind=KIND_MEDIA if kind == "media" else KIND_KEEPALIVE,
+            )
+            counters[office] += 1
+        elif kind == "replay" and accepted[office]:
+            packet = rng.choice(accepted[office])
+        elif kind == "flip" and accepted[office]:
+            flipped = bytearray(rng.choice(accepted[office]))
+            flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+            packet = bytes(flipped)
+        elif kind == "other_key":
+            packet = seal(keys[peer[office]], DIRECTION_TO_RELAY, leg, 10**9, rtp(0))
+        elif kind == "reflected":
+            packet = seal(keys[office], DIRECTION_FROM_RELAY, leg, 10**9, rtp(0))
+        else:
+            packet = rng.randbytes(rng.randrange(0, 80))
+        before = relay.statistics()
+        sent_before = len(sock.sent)
+        relay._handle_datagram(packet, source, sock)  # type: ignore[arg-type]
+        after = relay.statistics()
+        assert after.received == before.received + 1
+        if good:
+            accepted[office].append(packet)
+            address[office] = source
+            other = peer[office]
+            if kind == "media" and address[other] is not None:
+                forwarded += 1
+                data, to = sock.sent[-1]
+                assert to == address[other]
+                opened = open_untrusted(keys[other], data, DIRECTION_FROM_RELAY)
+                assert opened.leg == legs[other]
+                assert opened.counter == tx[other]
+                assert opened.payload == payload
+                tx[other] += 1
+        else:
+            # Whatever it was, it was dropped and counted, and nothing moved.
+            assert len(sock.sent) == sent_before
+            assert _drops(after) == _drops(before) + 1
+        report = relay.query("c1")
+        for name in ("a", "b"):
+            assert report[role[name]]["address"] == address[name]
+        assert len(sock.sent) == forwarded
+        stats = relay.statistics()
+        assert stats.received == (
+            stats.forwarded
+            + stats.keepalives
+            + stats.unrouted
+            + stats.dropped_malformed
+            + stats.dropped_unknown_leg
+            + stats.dropped_bad_tag
+            + stats.dropped_replay
+            + stats.dropped_wrong_direction
+            + stats.dropped_no_key
+        )
+
+
+async def test_a_key_of_the_wrong_size_counts_as_no_key(
+    nursery: trio.Nursery, keys: dict[str, bytes]
+) -> None:
+    relay, address = await start_relay(nursery, keys)
+    a, b = await call_between(relay, address, keys)
+    keys["a"] = b"not 32 bytes"
+    await a.send(rtp(1))
+    await b.send(rtp(2))
+    await wait_for(lambda: relay.statistics().dropped_no_key == 1)
+    await wait_for(lambda: relay.statistics().unrouted == 1)
+    # The relay is still serving.
+    keys["a"] = a.key
+    await a.send(rtp(3))
+    assert (await b.receive()).payload == rtp(3)
