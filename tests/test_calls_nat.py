@@ -33,13 +33,13 @@ def registered(system: LabSystem, office: int, ext: str) -> bool:
 class Offices:
     """A main host, offices 1..n with a remote host and phones kEXT = k001, k002 each."""
 
-    def __init__(self, lab: Any, workdir: Path, count: int) -> None:
+    def __init__(self, lab: Any, workdir: Path, count: int, phones: int = 2) -> None:
         self.lab, self.workdir = lab, workdir
         self.system = LabSystem(lab, workdir)
         self.system.start_main()
         for k in range(1, count + 1):
             token = self.system.add_office(k, f"{k}000-{k}099")
-            for n in (1, 2):
+            for n in range(1, phones + 1):
                 self.system.run_main("phone", "add", f"{k}00{n}", "--password", PASSWORD)
             self.system.join(k, token)
             self.system.start_remote(k)
@@ -75,6 +75,16 @@ class Offices:
         )
         return agent
 
+    def call_in_background(
+        self, office: int, phone: int, number: str, *args: str
+    ) -> subprocess.Popen[str]:
+        ns, argv = self.agent_argv(office, phone, "call", number, "--json", *args)
+        agent: subprocess.Popen[str] = self.lab.popen(
+            ns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.agents.append(agent)
+        return agent
+
     def call(
         self, office: int, phone: int, number: str, *args: str, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
@@ -93,6 +103,45 @@ class Offices:
                 except subprocess.TimeoutExpired:
                     agent.kill()
         self.system.stop_all()
+
+
+class Capture:
+    """tshark on one interface of one namespace, for counting what crossed it."""
+
+    def __init__(self, lab: Any, ns: str, interface: str, path: Path) -> None:
+        self.lab, self.path = lab, path
+        self.proc: subprocess.Popen[str] = lab.popen(
+            ns,
+            ["tshark", "-n", "-q", "-i", interface, "-f", "udp", "-w", str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stderr is not None
+        # tshark says "Capturing on ..." once packets are being captured.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if "Capturing on" in line or not line:
+                break
+        assert self.proc.poll() is None, "tshark did not start"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+    def count(self, display_filter: str) -> int:
+        result = subprocess.run(
+            ["tshark", "-n", "-r", str(self.path), "-Y", display_filter],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return len([line for line in result.stdout.splitlines() if line.strip()])
+
+
+SIGNALLING = "udp.port == 5060 || udp.port == 3478 || udp.port == 3479"
 
 
 def stats_of(output: str) -> dict[str, Any]:
@@ -142,3 +191,106 @@ def test_call_between_offices_has_audio_both_ways(
     finally:
         offices.stop()
         print(offices.system.logs())
+
+
+def test_call_inside_an_office_keeps_its_audio_on_the_lan(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    lab = lab_factory(1, hosts=[REMOTE_HOST, "p1", "p2"])
+    offices = Offices(lab, tmp_path, 1)
+    office = lab.office(1)
+    at_remote_host = Capture(lab, office.host(REMOTE_HOST).ns, "eth0", tmp_path / "rh.pcap")
+    on_wan = Capture(lab, office.router_ns, "wan", tmp_path / "wan.pcap")
+    try:
+        callee_wav, caller_wav = tmp_path / "callee.wav", tmp_path / "caller.wav"
+        agent = offices.answer(1, 2, "--tone", "660", "--record", str(callee_wav))
+        result = offices.call(
+            1, 1, "1002", "--tone", "440", "--record", str(caller_wav), "--duration", "3"
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        code, out, err = finish(agent)
+        assert code == 0, out + err
+        assert_audio(stats_of(result.stdout), caller_wav, 660)
+        assert_audio(stats_of(out), callee_wav, 440)
+    finally:
+        at_remote_host.stop()
+        on_wan.stop()
+        offices.stop()
+        print(offices.system.logs())
+    # The captures worked: the signalling went through the remote host ...
+    assert at_remote_host.count("udp.port == 5060") > 4
+    # ... but not one audio packet: phone to phone on the LAN (F5).
+    assert at_remote_host.count(f"udp && !({SIGNALLING})") == 0
+    # And nothing of the call crossed the WAN but the trunk (TCP) and STUN.
+    assert on_wan.count(f"udp && !({SIGNALLING})") == 0
+
+
+def test_wan_cut_local_calls_go_on_and_calls_out_fail_clearly(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    lab = lab_factory(2, hosts=[REMOTE_HOST, "p1", "p2", "p3", "p4"])
+    offices = Offices(lab, tmp_path, 2, phones=4)
+    try:
+        long_wav = tmp_path / "long.wav"
+        answering = offices.answer(1, 2, "--tone", "660")
+        # A call that is up when the WAN dies keeps its audio (it never needed the WAN).
+        long_call = offices.call_in_background(
+            1, 1, "1002", "--tone", "440", "--record", str(long_wav), "--duration", "12"
+        )
+        time.sleep(3)
+        lab.office(1).cut_wan()
+        wait_until(lambda: not offices.system.remote_status(1)["online"], 6, "WAN cut noticed")
+        # A new call inside the office connects: the remote host decides alone (F6).
+        offices.answer(1, 4, "--tone", "880")
+        started = time.monotonic()
+        local = offices.call(1, 3, "1004", "--duration", "2", "--tone", "550")
+        assert local.returncode == 0, local.stdout + local.stderr
+        assert stats_of(local.stdout)["packets_received"] > 50
+        # A call to another office fails at once with a clear reason, instead of hanging.
+        outside = offices.call(1, 3, "2001", "--duration", "2", timeout=30)
+        assert outside.returncode != 0
+        assert ("503" in outside.stdout + outside.stderr) or (
+            "480" in outside.stdout + outside.stderr
+        ), outside.stdout + outside.stderr
+        assert time.monotonic() - started < 25  # a guard against hanging, not a benchmark
+        code, out, err = finish(long_call, timeout=40)
+        assert code == 0, out + err
+        assert_audio(stats_of(out), long_wav, 660)
+        finish(answering)
+        lab.office(1).restore_wan()
+    finally:
+        offices.stop()
+        print(offices.system.logs())
+
+
+def test_relay_drops_packets_that_do_not_authenticate(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    lab = lab_factory(1, hosts=[REMOTE_HOST])
+    offices = Offices(lab, tmp_path, 1)
+    try:
+        before = offices.system.main_status()["relay"]
+        sender = (
+            "import socket, os\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "for i in range(200):\n"
+            "    s.sendto(os.urandom(60 + i % 100), ('203.0.113.10', 5090))\n"
+        )
+        # From somewhere on the internet, not an office: random bytes at the media port.
+        lab.run(lab.internet_ns, [PYTHON, "-c", sender], check=True, timeout=30)
+
+        def dropped() -> int:
+            relay = offices.system.main_status()["relay"]
+            return sum(v for k, v in relay.items() if k.startswith("dropped_"))
+
+        wait_until(
+            lambda: (
+                dropped() - sum(v for k, v in before.items() if k.startswith("dropped_")) >= 200
+            ),
+            10,
+            "drops counted",
+        )
+        after = offices.system.main_status()["relay"]
+        assert after["forwarded"] == before["forwarded"]
+    finally:
+        offices.stop()
