@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,10 +19,12 @@ NOW = 1_700_000_000.0
 
 
 def binding(
-    ext: str = "201", contact: str = "sip:201@192.0.2.10:5062", expires_at: float = NOW + 3600,
-    **fields: object,
-) -> Binding:  # fmt: skip
-    values: dict[str, object] = {
+    ext: str = "201",
+    contact: str = "sip:201@192.0.2.10:5062",
+    expires_at: float = NOW + 3600,
+    **fields: Any,
+) -> Binding:
+    values: dict[str, Any] = {
         "call_id": f"{ext}-call",
         "cseq": 1,
         "transport": "udp",
@@ -29,7 +32,7 @@ def binding(
         "source_port": 5062,
     }
     values.update(fields)
-    return Binding(ext, contact, expires_at, **values)  # type: ignore[arg-type]
+    return Binding(ext, contact, expires_at, **values)
 
 
 class Recorder:
