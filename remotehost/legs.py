@@ -70,7 +70,7 @@ from shared.wire.messages import (
 
 log = logging.getLogger("remotehost.legs")
 SERVER_NAME = "branchpbx-remotehost/0.1"
-T1, T2 = 0.5, 4.0  # RFC 3261 §17.1.1.1
+T1, T2 = 0.5, 4.0  # RFC 3261 §17.1.1.1 defaults
 
 
 class SipPort(Protocol):
@@ -187,16 +187,18 @@ class SipLeg:
         if self.destination.transport == "tcp":
             return  # a reliable transport does not lose the 2xx: only its ACK is awaited
 
+        t1, t2 = self.legs.t1, self.legs.t2
+
         async def run() -> None:
-            interval = T1
-            with trio.move_on_after(64 * T1):
+            interval = t1
+            with trio.move_on_after(64 * t1):
                 while not acked.is_set() and not self.closed:
                     with trio.move_on_after(interval):
                         await acked.wait()
                     if acked.is_set() or self.closed:
                         return
                     await self.port.respond(key, response)
-                    interval = min(2 * interval, T2)
+                    interval = min(2 * interval, t2)
                 return
             if not acked.is_set() and not self.closed:
                 log.warning("no ACK for our 2xx from %s: ending the call", self.peer_ip)
@@ -239,7 +241,7 @@ class SipLeg:
             return UpdateResult(503, "Service Unavailable (overloaded)")
         self._waiting[key] = send
         try:
-            with trio.move_on_after(64 * T1 + 1):
+            with trio.move_on_after(64 * self.legs.t1 + 1):
                 response = await receive.receive()
                 dialog.receive_response(update.method, response)
                 if update.method == "INVITE" and 200 <= response.status < 300:
@@ -576,9 +578,10 @@ class Legs:
     `serve` runs the legs' own timers (2xx retransmissions) in its nursery.
     """
 
-    def __init__(self, port: SipPort, trunk: Trunk) -> None:
+    def __init__(self, port: SipPort, trunk: Trunk, *, t1: float = T1, t2: float = T2) -> None:
         self.port = port
         self.trunk = trunk
+        self.t1, self.t2 = t1, t2  # the transaction layer's, for our 2xx retransmissions
         self.controller: CallController | None = None
         self.keys: dict[TransactionKey, SipLeg] = {}
         self.invites: dict[TransactionKey, UasLeg] = {}

@@ -21,6 +21,7 @@ from pathlib import Path
 import trio
 
 from mainhost.calls import CallRouter, OfficeRange
+from remotehost.anchor import MediaAnchor
 from remotehost.calls import CallController, CallPolicy
 from remotehost.legs import Legs
 from remotehost.location import Binding, Location, SqliteLocationStore
@@ -37,7 +38,7 @@ from shared.sip.message import (
     make_response,
     parse_message_untrusted,
 )
-from shared.sip.transaction import make_ack_for_failure, make_cancel
+from shared.sip.transaction import TimerConfig, TransactionLayer, make_ack_for_failure, make_cancel
 from shared.wire.messages import DirectoryEntry, DirectorySnapshot, GrantReply, Message
 
 REALM = "branchpbx.test"
@@ -80,6 +81,7 @@ class SipPhone:
         self.ext = ext
         self.server = server
         self.password = password if password is not None else f"secret-{ext}"
+        self.auth_user: str | None = None  # who it authenticates as (default: its extension)
         self.sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.port = 0
         self.inbox: list[SipMessage] = []
@@ -193,7 +195,7 @@ class SipPhone:
             chosen,
             method="INVITE",
             uri=invite.uri,
-            username=self.ext,
+            username=self.auth_user or self.ext,
             password=self.password,
             cnonce=secrets.token_hex(4),
             nc=1,
@@ -404,6 +406,7 @@ class Office:
     mirror: DirectoryMirror
     location: Location
     address: tuple[str, int]
+    media_anchor: MediaAnchor | None = None
 
     async def phone(self, ext: str, nursery: trio.Nursery, *, register: bool = True) -> SipPhone:
         phone = SipPhone(ext, self.address)
@@ -423,7 +426,12 @@ class Office:
         """Every call over, every anchor call closed, no SIP leg left."""
         with trio.fail_after(GUARD):
             # Nothing signals "all cleaned up" to a test: look until it is so (or time out).
-            while self.controller.calls or self.anchor.open or len(self.legs):  # noqa: ASYNC110
+            while (  # noqa: ASYNC110
+                self.controller.calls
+                or self.anchor.open
+                or len(self.legs)
+                or (self.media_anchor is not None and self.media_anchor.statistics().calls)
+            ):
                 await trio.sleep(0.01)
 
 
@@ -448,7 +456,12 @@ async def open_office(
     policy: CallPolicy | None = None,
     uplink: FakeUplink | None = None,
     anchor_port: int = 41000,
+    fast_timers: bool = False,
+    real_anchor: bool = False,
 ) -> AsyncIterator[Office]:
+    """An office's SIP service, legs and controller on 127.0.0.1 port 0. `fast_timers`: SIP
+    timers 25 times shorter (T1 20 ms), so timeouts happen within a test; `real_anchor`: the
+    real `MediaAnchor` on 127.0.0.1 instead of the recording fake."""
     uplink = uplink or FakeUplink(name)
     mirror = write_directory(tmp_path / f"{name}.db", name, first, list(exts))
     location = Location()
@@ -462,13 +475,18 @@ async def open_office(
         digest_algorithms=("MD5",),
     )
     anchor = FakeAnchor(anchor_port)
-    legs = Legs(sip, uplink)
+    media_anchor = MediaAnchor("127.0.0.1", wan_ip="127.0.0.1") if real_anchor else None
+    t1 = 0.5
+    if fast_timers:
+        t1 = 0.02
+        sip.layer = TransactionLayer(timers=TimerConfig(t1=t1, t2=0.16, t4=0.2, timer_d=0.5))
+    legs = Legs(sip, uplink, t1=t1, t2=8 * t1)
     controller = CallController(
         legs=legs,
         directory=mirror,
         location=location,
         trunk=uplink,
-        anchor=anchor,
+        anchor=media_anchor or anchor,
         media_address=lambda phone_ip: "127.0.0.1",
         main_host="127.0.0.9",
         policy=policy or CallPolicy(no_answer_timeout=30.0),
@@ -478,10 +496,14 @@ async def open_office(
     sip.attach_calls(legs)
     try:
         async with trio.open_nursery() as nursery:
+            if media_anchor is not None:
+                await nursery.start(media_anchor.serve)
             address = await nursery.start(sip.serve, "127.0.0.1", 0)
             await nursery.start(legs.serve)
             await nursery.start(controller.serve)
-            yield Office(name, sip, legs, controller, anchor, uplink, mirror, location, address)
+            yield Office(
+                name, sip, legs, controller, anchor, uplink, mirror, location, address, media_anchor
+            )
             nursery.cancel_scope.cancel()
     finally:
         mirror.close()
@@ -549,14 +571,20 @@ class MainHost:
 
 @asynccontextmanager
 async def open_two_offices(
-    tmp_path: Path, policy: CallPolicy | None = None
+    tmp_path: Path, policy: CallPolicy | None = None, *, real_anchor: bool = False
 ) -> AsyncIterator[tuple[Office, Office, MainHost]]:
     """Offices lyon (200-299) and paris (300-399) with the main host's CallRouter between."""
     main = MainHost()
     async with (
-        open_office(tmp_path, "lyon", policy=policy) as lyon,
+        open_office(tmp_path, "lyon", policy=policy, real_anchor=real_anchor) as lyon,
         open_office(
-            tmp_path, "paris", first=300, exts=("301", "302"), policy=policy, anchor_port=42000
+            tmp_path,
+            "paris",
+            first=300,
+            exts=("301", "302"),
+            policy=policy,
+            anchor_port=42000,
+            real_anchor=real_anchor,
         ) as paris,
         trio.open_nursery() as nursery,
     ):
