@@ -14,7 +14,7 @@ It owns one `TransactionLayer` (the layer below) and the dialogs. It does not bu
 SDP bodies (the adapter's media code does; bodies pass through as bytes), resolve names, or
 open sockets: destinations are `(ip, port)` tuples, or the opaque source of a request.
 
-It is long (about 700 lines) because the UAC and UAS halves of a call share the call table,
+It is long (about 1000 lines) because the UAC and UAS halves of a call share the call table,
 the dialog handling and the timers; split apart they would each need the other's internals.
 """
 
@@ -296,6 +296,7 @@ class UserAgent:
         self._registration = _Registration()
         self._nonce_counts: dict[str, int] = {}
         self._messages: set[TransactionKey] = set()
+        self._ended_at: dict[str, float] = {}
 
     # -- identity --
 
@@ -958,6 +959,8 @@ class UserAgent:
         registration refresh."""
         candidates = [self.layer.get_timer(), self._registration.refresh_at]
         candidates += [leg.ok_next for leg in self._legs.values()]
+        if self._ended_at:
+            candidates.append(min(self._ended_at.values()) + 64 * self.config.timers.t1)
         present = [c for c in candidates if c is not None]
         return min(present) if present else None
 
@@ -972,6 +975,7 @@ class UserAgent:
         for leg in list(self._legs.values()):
             if leg.ok_next is not None and now >= leg.ok_next:
                 out += self._retransmit_ok(leg, now)
+        self._sweep(now)
         return out
 
     def _retransmit_ok(self, leg: _Leg, now: float) -> list[Output]:
@@ -990,10 +994,19 @@ class UserAgent:
         leg.ok_next = now + leg.ok_interval
         return [Transmit(leg.ok, leg.peer)]
 
-    def forget_ended(self) -> None:
-        """Drop calls that have ended (a long-running agent calls this now and then)."""
-        for call_id in [c for c, leg in self._legs.items() if leg.state is CallState.ENDED]:
-            del self._legs[call_id]
+    def _sweep(self, now: float) -> None:
+        """Forget calls 64*T1 after they ended, when no retransmission of theirs can still
+        arrive: a long-running agent (a load test) must not keep every call it ever had."""
+        linger = 64 * self.config.timers.t1
+        for call_id, leg in list(self._legs.items()):
+            if leg.state is not CallState.ENDED:
+                continue
+            since = self._ended_at.setdefault(call_id, now)
+            if now - since >= linger:
+                del self._legs[call_id]
+                del self._ended_at[call_id]
+                for key in [k for k, c in self._by_key.items() if c == call_id]:
+                    del self._by_key[key]
 
 
 _NO_KEY = TransactionKey(False, "", "")
