@@ -162,6 +162,7 @@ class CallMedia:
         if self._closed or self.leg is None:
             return
         self._anchor._attach(self, self.leg, key)
+        self._anchor._log.debug("call %s: new media key for leg %d", self.call_id, self.leg)
         self._send_keepalive()
 
     def close(self) -> None:
@@ -223,6 +224,10 @@ class CallMedia:
             return
         if not self._latched:
             # RFC 4961 symmetric RTP: answer where the phone really sends from.
+            if source != self._phone:
+                self._anchor._log.debug(
+                    "call %s: phone sends from %s, not %s (SDP)", self.call_id, source, self._phone
+                )
             self._phone = source
             self._latched = True
         elif source != self._phone:
