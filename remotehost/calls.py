@@ -17,7 +17,9 @@ media anchor of trunk calls (SDP toward the phone points at the anchor, the anch
 the relay the main host names). Calls inside the office keep the phones' SDP untouched, so their
 audio goes phone to phone on the LAN.
 
-It does not parse SIP or frames, or move audio (`anchor.py`).
+It does not parse SIP or frames, or move audio (`anchor.py`). It is long (about 700 lines)
+because the policy of the three kinds of call (inside the office, to and from another office)
+shares one state machine, and the SDP each kind gives the phones belongs next to it.
 """
 
 from __future__ import annotations
@@ -330,6 +332,11 @@ class CallController:
 
     def forget_trunk_leg(self, channel: int) -> None:
         self._trunk_legs.pop(channel, None)
+
+    @property
+    def trunk_channels(self) -> int:
+        """Trunk channels with a call leg on them (0 once every call is over)."""
+        return len(self._trunk_legs)
 
     async def _run(self, call: Call) -> None:
         try:

@@ -17,7 +17,9 @@ UPDATE, MESSAGE) to the controller. `Legs` is the factory the controller uses an
 the SIP service uses: it matches client transactions, dialogs and CANCELs to their leg.
 
 It does not decide anything about a call (`calls.py`), authenticate (the SIP service does, with
-the registrar's verifier and throttle), or run transactions (`shared/sip/transaction.py`).
+the registrar's verifier and throttle), or run transactions (`shared/sip/transaction.py`). It is
+long (about 700 lines) because both SIP roles share one dialog base and the router that matches
+SIP events to legs, and splitting them would separate each leg from the code that feeds it.
 """
 
 from __future__ import annotations

@@ -428,6 +428,7 @@ class Office:
             # Nothing signals "all cleaned up" to a test: look until it is so (or time out).
             while (  # noqa: ASYNC110
                 self.controller.calls
+                or self.controller.trunk_channels
                 or self.anchor.open
                 or len(self.legs)
                 or (self.media_anchor is not None and self.media_anchor.statistics().calls)

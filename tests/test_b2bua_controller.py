@@ -445,3 +445,57 @@ def test_any_sequence_ends_clean_with_one_final_answer(
             assert a.closed
 
     trio.run(main)
+
+
+SDP_LINES = st.sampled_from(
+    [
+        "v=0",
+        "o=- 1 1 IN IP4 192.0.2.10",
+        "s=-",
+        "c=IN IP4 192.0.2.10",
+        "c=IN IP4 0.0.0.0",
+        "t=0 0",
+        "m=audio 30000 RTP/AVP 0 8 101",
+        "m=audio 0 RTP/AVP 0",
+        "m=video 30002 RTP/AVP 96",
+        "m=audio 30000 RTP/SAVP 0",
+        "a=rtpmap:0 PCMU/8000",
+        "a=rtpmap:96 opus/48000/2",
+        "a=rtpmap:101 telephone-event/8000",
+        "a=sendonly",
+        "a=inactive",
+        "m=audio x RTP/AVP 0",
+    ]
+)
+BODIES = st.one_of(
+    st.binary(max_size=200),
+    st.lists(SDP_LINES, max_size=12).map(lambda lines: ("\r\n".join(lines) + "\r\n").encode()),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=BODIES)
+def test_any_offer_to_another_office_is_either_set_up_or_refused_488(body: bytes) -> None:
+    """What a phone puts in its INVITE cannot break the controller: the call goes to the trunk
+    with the offer's audio codecs, or the caller gets 488, and nothing is left open."""
+
+    async def main() -> None:
+        async with world() as w:
+            a = FakeLeg("caller")
+            with trio.fail_after(GUARD):
+                await w.controller.new_call(a, Offer("201", "301", body))
+                await wait_until(lambda: bool(a.got) or bool(w.legs.trunk))
+                if w.legs.trunk:
+                    (t,) = w.legs.trunk
+                    offer = t.got[0]
+                    assert isinstance(offer, Offer) and offer.codecs
+                    assert not any("telephone-event" in c for c in offer.codecs)
+                    await w.controller.on_event(a, Disconnect("caller"))
+                else:
+                    (fail,) = a.got
+                    assert isinstance(fail, Fail) and fail.status == 488
+                await w.ended()
+            assert all(m.closed for m in w.anchor.calls)
+            assert all(leg.closed for leg in (a, *w.legs.trunk))
+
+    trio.run(main)

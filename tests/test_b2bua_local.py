@@ -354,3 +354,25 @@ async def test_forking_first_answer_wins_the_other_is_cancelled(tmp_path: Path) 
             await soft.expect_request("BYE")
         await office.settled()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_password_guesser_is_blocked_for_invites_too(tmp_path: Path) -> None:
+    async with open_office(tmp_path) as office, trio.open_nursery() as nursery:
+        a = await office.phone("201", nursery)
+        a.password = "guess"
+        b = await office.phone("202", nursery)
+        limit = office.sip.registrar.policy.failures_before_block
+        with trio.fail_after(GUARD):
+            for _ in range(limit):
+                await a.call("202", sdp(30000))
+                await a.expect_response(407)
+        assert office.sip.registrar.blocked("127.0.0.1", office.sip._wall())
+        # Blocked: the right password now gets no answer at all, and nothing rings.
+        a.password = "secret-201"
+        a.inbox.clear()
+        await a.send(a.make_invite("202", sdp(30000)))
+        await trio.sleep(0.2)
+        assert a.inbox == []
+        assert b.received("INVITE") == []
+        assert office.sip.stats.blocked_drops >= 1
+        nursery.cancel_scope.cancel()

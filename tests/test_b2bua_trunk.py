@@ -12,7 +12,7 @@ import trio
 from remotehost.calls import CallPolicy
 from shared.sip.dialog import Dialog
 from shared.sip.message import SipRequest, SipResponse
-from shared.wire.messages import CallEnd, CallHold, CallSetup, MediaLeg
+from shared.wire.messages import CallEnd, CallHold, CallInfo, CallSetup, MediaLeg
 from tests.callhelpers import (
     GUARD,
     Office,
@@ -311,4 +311,27 @@ async def test_main_host_call_setup_for_an_unregistered_phone_ends_480(tmp_path:
         await a.ack_failure(call, away)
         await _settled(lyon, paris)
         assert main.router.live_calls() == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_info_travels_to_the_phone_in_the_other_office(tmp_path: Path) -> None:
+    async with open_two_offices(tmp_path) as (lyon, paris, main), trio.open_nursery() as nursery:
+        a = await lyon.phone("201", nursery)
+        b = await paris.phone("301", nursery)
+        with trio.fail_after(GUARD):
+            c = await _connect(a, b, sdp(30000), sdp(30010))
+            body = b"Signal=#\r\nDuration=100\r\n"
+            await a.request_in(c.caller_dialog, "INFO", body, "application/dtmf-relay")
+            await a.expect_response(200, method="INFO")
+            info = await b.expect_request("INFO")
+            c.dialog.receive_request(info)
+            await b.answer_in(info, 200)
+        assert info.body == body
+        assert info.content_type == "application/dtmf-relay"
+        infos = [m for _, _, m in main.delivered if isinstance(m, CallInfo)]
+        assert [(i.method, i.body) for i in infos] == [("INFO", body)]
+        with trio.fail_after(GUARD):
+            await a.request_in(c.caller_dialog, "BYE")
+            await b.expect_request("BYE")
+        await _settled(lyon, paris)
         nursery.cancel_scope.cancel()
