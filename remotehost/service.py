@@ -8,6 +8,7 @@ that the SIP service and the uplink hand calls to.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 import uuid
@@ -62,9 +63,10 @@ class RemoteHost:
             context = client_ssl_context(read_ca(data))
         except ValueError as exc:  # ssl refuses a damaged PEM
             raise CliError(f"{data / CA_NAME} is not a valid certificate: {exc}") from None
+        secret = read_secret(data)
         self.uplink = Uplink(
             config,
-            secret=read_secret(data),
+            secret=secret,
             ca_sha256=None,  # the TLS handshake already verified against the pinned CA
             ssl_context=context,
             mirror=self.mirror,
@@ -83,6 +85,9 @@ class RemoteHost:
             store=self.location_store,
             keepalive_interval=config.sip.keepalive_interval,
             digest_algorithms=config.sip.digest_algorithms,
+            # Digest nonces stay valid across restarts (stale, not forged): key them with the
+            # office secret, which only this box and the main host know.
+            nonce_secret=hmac.new(secret, b"branchpbx sip digest nonces", "sha256").digest(),
         )
         # Call control: the anchor faces the phones on the SIP service's address; the SDP we
         # give a phone names our address as that phone reaches it.

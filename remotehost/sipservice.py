@@ -106,6 +106,7 @@ class SipService:
         missed_pings_unreachable: int = 2,
         digest_algorithms: tuple[str, ...] = ("MD5",),
         wall_clock: Callable[[], float] = time.time,
+        nonce_secret: bytes | None = None,
     ) -> None:
         self.location = location
         self.store = store
@@ -116,7 +117,10 @@ class SipService:
         self._lookup_ha1 = lookup_ha1
         self._policy = policy
         self._wall = wall_clock
-        self._secret = secrets.token_bytes(32)
+        # The nonce key must outlive the process: a phone that refreshes with the credentials
+        # of its last challenge after we restarted must get stale=true (RFC 7616 §3.3), not a
+        # wrong-password 401 that counts toward blocking it. A random key is for tests only.
+        self._secret = nonce_secret or secrets.token_bytes(32)
         self._algorithms = digest_algorithms
         self.registrar = self._make_registrar(realm())
         self.layer = TransactionLayer()
