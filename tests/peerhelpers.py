@@ -488,7 +488,17 @@ def sipp_auth(ext: str, password: str) -> str:
     return f"[authentication username={ext} password={password}]"
 
 
-def run_sipp(
+@dataclass(frozen=True)
+class SippCommand:
+    """A SIPp command line and where its message trace goes."""
+
+    argv: list[str]
+    workdir: Path
+    trace: Path
+    local_port: int
+
+
+def sipp_command(
     scenario: str | Path,
     workdir: Path,
     *,
@@ -498,14 +508,14 @@ def run_sipp(
     transport: str = "u1",
     local_ip: str = LOOPBACK,
     local_port: int | None = None,
-    calls: int = 1,
+    calls: int | None = 1,
     timeout: float = 15.0,
     extra: Sequence[str] = (),
-) -> SippRun:
-    """Run SIPp to completion (UAC with a target, UAS without) and collect what it did.
+) -> SippCommand:
+    """SIPp as a UAC (with a target) or a UAS (without), bound to `local_ip`.
 
     `scenario` is a file in tests/sipp or a path. The local port is a free one unless given
-    (SIPp would take 5060).
+    (SIPp would take 5060). `calls=None` runs until stopped (or `timeout`).
     """
     sipp = peer_binary("sipp")
     path = Path(scenario) if os.sep in str(scenario) else SIPP_DIR / scenario
@@ -517,7 +527,9 @@ def run_sipp(
     if target is not None:
         argv.append(f"{target[0]}:{target[1]}")
     argv += ["-sf", str(path), "-t", transport, "-i", local_ip, "-bind_local", "-p", str(port)]
-    argv += ["-m", str(calls), "-timeout", f"{timeout:g}s", "-timeout_error"]
+    argv += ["-timeout", f"{timeout:g}s", "-timeout_error"]
+    if calls is not None:
+        argv += ["-m", str(calls)]
     # No BYE for a call that failed: a REGISTER dialog has nothing to end.
     argv += ["-default_behaviors", "all,-bye"]
     argv += ["-trace_msg", "-message_file", str(trace), "-nostdin"]
@@ -526,50 +538,71 @@ def run_sipp(
     if auth is not None:
         argv += ["-au", auth[0], "-ap", auth[1]]
     argv += list(extra)
+    return SippCommand(argv, workdir, trace, port)
+
+
+def run_sipp(scenario: str | Path, workdir: Path, **options: Any) -> SippRun:
+    """Run SIPp to completion (`sipp_command`'s options) and collect what it did."""
+    command = sipp_command(scenario, workdir, **options)
     result = subprocess.run(
-        argv,
+        command.argv,
         cwd=workdir,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         errors="replace",
-        timeout=timeout + 15.0,
+        timeout=float(options.get("timeout", 15.0)) + 15.0,
         check=False,
     )
+    trace = command.trace
     messages = trace.read_text(errors="replace") if trace.exists() else ""
     return SippRun(result.returncode, result.stdout + result.stderr, messages)
 
 
-def start_sipp(
-    scenario: str | Path,
-    workdir: Path,
-    *,
-    local_ip: str = LOOPBACK,
-    local_port: int,
-    calls: int | None = 1,
-    timeout: float = 30.0,
-    extra: Sequence[str] = (),
-) -> tuple[subprocess.Popen[bytes], Path]:
-    """Start a SIPp UAS in the background; returns the process and its message trace's path.
+class BackgroundSipp:
+    """SIPp running while the test does other things; `finish()` waits for it, `stop()` ends it.
 
-    The caller stops it (`stop_process`), also when its test fails.
+    Its screen goes to a file, not a pipe: nobody reads it while SIPp runs, and a full pipe
+    would stop SIPp.
     """
-    sipp = peer_binary("sipp")
-    path = Path(scenario) if os.sep in str(scenario) else SIPP_DIR / scenario
-    workdir.mkdir(parents=True, exist_ok=True)
-    trace = workdir / f"sipp-uas-{local_port}-{time.monotonic_ns()}.messages"
-    argv = [sipp, "-sf", str(path), "-t", "u1", "-i", local_ip, "-bind_local"]
-    argv += ["-p", str(local_port), "-timeout", f"{timeout:g}s", "-timeout_error"]
-    if calls is not None:  # None: until stopped
-        argv += ["-m", str(calls)]
-    argv += ["-trace_msg", "-message_file", str(trace), "-nostdin", *extra]
-    with trace.with_suffix(".screen").open("wb") as screen:
-        # A file, not a pipe: nobody reads SIPp's screen while it runs, and a full pipe
-        # would stop it.
-        process = subprocess.Popen(
-            argv, cwd=workdir, stdin=subprocess.DEVNULL, stdout=screen, stderr=subprocess.STDOUT
-        )
-    return process, trace
+
+    def __init__(self, scenario: str | Path, workdir: Path, **options: Any) -> None:
+        self.command = sipp_command(scenario, workdir, **options)
+        self.screen = self.command.trace.with_suffix(".screen")
+        with self.screen.open("wb") as screen:
+            self.process = subprocess.Popen(
+                self.command.argv,
+                cwd=workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=screen,
+                stderr=subprocess.STDOUT,
+            )
+
+    @property
+    def local_port(self) -> int:
+        return self.command.local_port
+
+    def call_id(self, call_number: int = 1) -> str:
+        """SIPp's [call_id] of a call: '[call_number]-[pid]@[local_ip]'."""
+        ip = self.command.argv[self.command.argv.index("-i") + 1]
+        return f"{call_number}-{self.process.pid}@{ip}"
+
+    def run(self) -> SippRun:
+        trace = self.command.trace
+        messages = trace.read_text(errors="replace") if trace.exists() else ""
+        output = self.screen.read_text(errors="replace") if self.screen.exists() else ""
+        return SippRun(self.process.returncode, output, messages)
+
+    def finish(self, guard: float = GUARD) -> SippRun:
+        try:
+            self.process.wait(guard)
+        except subprocess.TimeoutExpired:
+            self.stop()
+        return self.run()
+
+    def stop(self) -> SippRun:
+        stop_process(self.process)
+        return self.run()
 
 
 def cpu_seconds(pid: int) -> float:
