@@ -112,6 +112,9 @@ class CallMedia:
         """The phone-side port, for the SDP the remote host gives its phone."""
         self.leg: int | None = None
         self.relay: Address | None = None
+        """The relay's (ip, port), once known."""
+        self._relay_name: tuple[str, int] | None = None
+        self._resolve_wanted = trio.Event()
         self._anchor = anchor
         self._sock = phone_sock
         self._scope = trio.CancelScope()
@@ -143,14 +146,24 @@ class CallMedia:
             self._phone = (str(ipaddress.ip_address(ip)), port)
 
     def set_wan(self, leg: int, relay: tuple[str, int], key: bytes) -> None:
-        """Send this call's media to `relay` (an IP address, not a name) tagged with `leg`,
-        sealed with `key`; a keepalive goes at once so the relay learns our address."""
+        """Send this call's media to `relay` tagged with `leg`, sealed with `key`; a keepalive
+        goes at once so the relay learns our address.
+
+        `relay` is (host, port); a host name (the configured main host) is looked up by the
+        call's task, and media waits (dropped, counted as no route) until it is known.
+        """
         if self._closed:
             return
         host, port = relay
-        relay_address = (str(ipaddress.ip_address(host)), port)
         self._anchor._attach(self, leg, key)
-        self.relay = relay_address
+        try:
+            self.relay = (str(ipaddress.ip_address(host)), port)
+        except ValueError:
+            self.relay = None
+            self._relay_name = (host, port)
+            self._resolve_wanted.set()
+            return
+        self._relay_name = None
         self._send_keepalive()
 
     def update_key(self, key: bytes) -> None:
@@ -211,7 +224,8 @@ class CallMedia:
         return True
 
     def _send_keepalive(self) -> None:
-        assert self.leg is not None
+        if self.leg is None or self.relay is None:
+            return
         packet = seal_keepalive(self._key, DIRECTION_TO_RELAY, self.leg, self._tx_counter)
         self._tx_counter += 1
         if self._send_wan(packet):
@@ -234,7 +248,7 @@ class CallMedia:
             self._dropped_wrong_source += 1
             return
         self._phone_packets_in += 1
-        if self.leg is None:
+        if self.leg is None or self.relay is None:
             self._dropped_no_route += 1
             return
         packet = seal(self._key, DIRECTION_TO_RELAY, self.leg, self._tx_counter, data)
@@ -272,6 +286,7 @@ class CallMedia:
             with self._scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._keepalive_loop, keepalive_interval)
+                    nursery.start_soon(self._resolve_loop, keepalive_interval)
                     await self._phone_loop()
         finally:
             self._sock.close()
@@ -297,9 +312,30 @@ class CallMedia:
         # REQ-5 asks for 2 min; routers do less). Media itself counts as keepalive.
         while True:
             await trio.sleep_until(max(self._last_wan_send + interval, trio.current_time()))
-            if self.leg is None:
+            if self.leg is None or self.relay is None:
                 await trio.sleep(interval)
             elif trio.current_time() >= self._last_wan_send + interval:
+                self._send_keepalive()
+
+    async def _resolve_loop(self, retry_interval: float) -> None:
+        while True:
+            await self._resolve_wanted.wait()
+            self._resolve_wanted = trio.Event()
+            while self._relay_name is not None:
+                name = self._relay_name
+                try:
+                    found = await trio.socket.getaddrinfo(
+                        name[0], name[1], family=self._anchor.wan_family, type=socket.SOCK_DGRAM
+                    )
+                except OSError as exc:  # socket.gaierror: no such name, no DNS right now
+                    self._anchor._log.warning("call %s: relay %s: %s", self.call_id, name, exc)
+                    await trio.sleep(retry_interval)
+                    continue
+                if self._relay_name != name or not found:
+                    continue  # set_wan named another relay meanwhile
+                self._relay_name = None
+                address = found[0][4]
+                self.relay = (str(address[0]), int(address[1]))
                 self._send_keepalive()
 
 
@@ -328,6 +364,9 @@ class MediaAnchor:
     ) -> None:
         self.phone_side_ip = str(ipaddress.ip_address(phone_side_ip))
         self.wan_ip = str(ipaddress.ip_address(wan_ip))
+        self.wan_family = (
+            socket.AF_INET6 if ipaddress.ip_address(wan_ip).version == 6 else socket.AF_INET
+        )
         self.wan_port = 0
         """The WAN socket's port, once `serve` has started."""
         self.keepalive_interval = keepalive_interval
