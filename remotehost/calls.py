@@ -24,6 +24,7 @@ shares one state machine, and the SDP each kind gives the phones belongs next to
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
@@ -234,6 +235,7 @@ class Call:
     state: str = "trying"  # trying, ringing, connected, ended
     media: MediaCall | None = None
     wan: WanMedia | None = None
+    wan_wired: bool = False
     phone_sdp: SessionDescription | None = None
     failure: Fail | None = None
     answered: trio.Event = field(default_factory=trio.Event)
@@ -292,7 +294,15 @@ class CallController:
 
     def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
         assert self._nursery is not None, "CallController.serve is not running"
-        self._nursery.start_soon(fn)
+
+        async def guarded() -> None:
+            # One call's bug must not take every call of the office (and the service) down.
+            try:
+                await fn()
+            except Exception:
+                log.exception("call control task failed")
+
+        self._nursery.start_soon(guarded)
 
     def status(self) -> list[dict[str, object]]:
         """The live calls, for `remotehost status`."""
@@ -340,14 +350,11 @@ class CallController:
 
     async def _run(self, call: Call) -> None:
         try:
-            await self._route(call)
-            if call.state != "ended":
-                with trio.move_on_after(self.policy.no_answer_timeout):
-                    await call.answered.wait()
-                if call.state in ("trying", "ringing"):
-                    log.info("call %s: no answer", call.call_id)
-                    await self._fail(call, Fail(480, "No answer"))
-            await call.ended.wait()
+            await self._run_call(call)
+        except Exception:
+            log.exception("call %s: call control failed", call.call_id)
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await self._fail(call, Fail(500, "Server Internal Error (call control failed)"))
         finally:
             call.state = "ended"
             for leg in call.legs:
@@ -356,6 +363,16 @@ class CallController:
                 call.media.close()
             self.calls.pop(call.call_id, None)
             log.info("call %s ended", call.call_id)
+
+    async def _run_call(self, call: Call) -> None:
+        await self._route(call)
+        if call.state != "ended":
+            with trio.move_on_after(self.policy.no_answer_timeout):
+                await call.answered.wait()
+            if call.state in ("trying", "ringing"):
+                log.info("call %s: no answer", call.call_id)
+                await self._fail(call, Fail(480, "No answer"))
+        await call.ended.wait()
 
     def _in_office_range(self, number: str) -> bool:
         info = self.directory.info()
@@ -459,7 +476,7 @@ class CallController:
             return
         if isinstance(event, WanMedia):
             call.wan = event  # it may come before the anchor call is open
-            self._wire_wan(call)
+            await self._wire_wan(call)
         elif leg is call.a:
             if isinstance(event, Disconnect | Fail):
                 await self._hang_up(call, leg, event)
@@ -484,18 +501,23 @@ class CallController:
             return ring  # the callee's early media SDP, untouched (phone to phone)
         return Ring(ring.status, ring.reason, None)
 
-    def _wire_wan(self, call: Call) -> None:
+    async def _wire_wan(self, call: Call) -> None:
         # The media key of the login in use now; a later login's key comes by on_trunk_up.
         key = self.trunk.media_key
         wan = call.wan
-        if call.media is None or wan is None or key is None:
+        if call.media is None or wan is None or key is None or call.wan_wired:
             return
-        call.media.set_wan(wan.leg, (wan.relay_host or self.main_host, wan.relay_port), key)
+        host = await _ip_of(wan.relay_host or self.main_host, wan.relay_port)
+        if host is None or call.media is None:
+            log.warning("call %s: cannot resolve the relay %r", call.call_id, wan.relay_host)
+            return
+        call.media.set_wan(wan.leg, (host, wan.relay_port), key)
+        call.wan_wired = True
 
     async def _open_media(self, call: Call) -> MediaCall:
         media = await self.anchor.open_call(call.call_id)
         call.media = media
-        self._wire_wan(call)
+        await self._wire_wan(call)
         return media
 
     async def _connected(self, call: Call, leg: Leg, event: Connect) -> None:
@@ -667,8 +689,12 @@ class CallController:
     async def on_trunk_up(self, media_key: bytes) -> None:
         # F9: a new login has a new media key; the anchor's WAN legs take it at once.
         for call in list(self.calls.values()):
-            if call.media is not None:
+            if call.media is None:
+                continue
+            if call.wan_wired:
                 call.media.update_key(media_key)
+            else:
+                await self._wire_wan(call)  # MediaLeg came while we had no key
 
     async def on_trunk_down(self) -> None:
         # Unanswered calls through the trunk cannot complete; answered ones wait, since the
@@ -735,5 +761,21 @@ def _aim_at_phone(media: MediaCall, sdp: SessionDescription) -> None:
     for index, stream in enumerate(sdp.media):
         connection = sdp.connection_for(index)
         if stream.media == "audio" and stream.port and connection is not None:
-            media.set_phone_target(connection.address, stream.port)
+            try:
+                media.set_phone_target(connection.address, stream.port)
+            except ValueError:
+                pass  # a host name, not an address: the first packet will tell
             return
+
+
+async def _ip_of(host: str, port: int) -> str | None:
+    """`host` as an IP address (the anchor wants addresses; the main host may be a name)."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        found = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
+    except OSError:
+        return None
+    return str(found[0][4][0]) if found else None

@@ -598,7 +598,14 @@ class Legs:
 
     def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
         assert self._nursery is not None, "Legs.serve is not running"
-        self._nursery.start_soon(fn)
+
+        async def guarded() -> None:
+            try:
+                await fn()
+            except Exception:  # one call's trouble must not stop the others
+                log.exception("call leg task failed")
+
+        self._nursery.start_soon(guarded)
 
     # -- the controller's factory --
 

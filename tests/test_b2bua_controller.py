@@ -29,7 +29,7 @@ from remotehost.calls import (
     _codec_of,
 )
 from shared.wire.messages import CallEnd, CallSetup, GrantReply, Message
-from tests.callhelpers import GUARD, FakeAnchor, sdp, sdp_lines, wait_until
+from tests.callhelpers import GUARD, FakeAnchor, FakeMedia, sdp, sdp_lines, wait_until
 
 OFFER = sdp(30000)
 
@@ -499,3 +499,58 @@ def test_any_offer_to_another_office_is_either_set_up_or_refused_488(body: bytes
             assert all(leg.closed for leg in (a, *w.legs.trunk))
 
     trio.run(main)
+
+
+class BrokenAnchor(FakeAnchor):
+    async def open_call(self, call_id: str) -> FakeMedia:
+        raise RuntimeError("the anchor is not serving")
+
+
+async def test_a_failing_call_gets_500_and_the_controller_goes_on() -> None:
+    async with world() as w:
+        w.controller.anchor = BrokenAnchor()
+        a = FakeLeg("caller")
+        with trio.fail_after(GUARD):
+            await w.controller.new_call(a, Offer("201", "301", OFFER))
+            await w.ended()
+            assert a.got == [Fail(500, "Server Internal Error (call control failed)")]
+            assert a.closed
+            # The next call (inside the office) is served as usual.
+            b = await _start(w)
+            await w.controller.on_event(b, Disconnect())
+            await w.ended()
+
+
+async def test_relay_named_by_host_name_is_resolved_for_the_anchor() -> None:
+    async with world() as w:
+        w.controller.main_host = "localhost"
+        a = FakeLeg("caller")
+        with trio.fail_after(GUARD):
+            await w.controller.new_call(a, Offer("201", "301", OFFER))
+            await wait_until(lambda: bool(w.legs.trunk))
+            (t,) = w.legs.trunk
+            await w.controller.on_event(t, WanMedia(9, "", 5090))
+            (media,) = w.anchor.calls
+            assert media.wan is not None
+            assert media.wan[1] in (("127.0.0.1", 5090), ("::1", 5090))
+            await w.controller.on_event(a, Disconnect())
+            await w.ended()
+
+
+async def test_media_leg_without_a_key_is_wired_at_the_next_login() -> None:
+    async with world() as w:
+        a = FakeLeg("caller")
+        with trio.fail_after(GUARD):
+            await w.controller.new_call(a, Offer("201", "301", OFFER))
+            await wait_until(lambda: bool(w.legs.trunk))
+            (t,) = w.legs.trunk
+            w.trunk.media_key = None  # the trunk dropped just now
+            await w.controller.on_event(t, WanMedia(9, "203.0.113.9", 5090))
+            (media,) = w.anchor.calls
+            assert media.wan is None
+            w.trunk.media_key = b"z" * 32
+            await w.controller.on_trunk_up(b"z" * 32)
+            assert media.wan == (9, ("203.0.113.9", 5090), b"z" * 32)
+            assert media.keys == []  # wired with the new key, not re-keyed
+            await w.controller.on_event(a, Disconnect())
+            await w.ended()
