@@ -239,6 +239,8 @@ class _Leg:
     reinvite_key: TransactionKey | None = None
     """Our pending re-INVITE (client) or theirs waiting for our answer (server)."""
     reinvite_request: SipRequest | None = None
+    reinvite_acked: tuple[TransactionKey, SipRequest] | None = None
+    """Our last answered re-INVITE and its ACK, re-sent for a retransmitted 2xx."""
     bye_key: TransactionKey | None = None
 
 
@@ -834,11 +836,11 @@ class UserAgent:
         except DialogError:
             return []
         ack = leg.dialog.create_ack(via=self._via(), invite=request)
-        out = [Transmit(ack, leg.peer)]
-        if leg.reinvite_key is not None and leg.reinvite_key == client_key_of(request):
-            leg.reinvite_key = None
-            out.append(ReinviteDone(leg.call_id, response.status, response.body))
-        return out
+        key = leg.reinvite_key
+        assert key is not None
+        leg.reinvite_key = None
+        leg.reinvite_acked = (key, ack)
+        return [Transmit(ack, leg.peer), ReinviteDone(leg.call_id, response.status, response.body)]
 
     def _on_reinvite(self, event: RequestReceived, now: float) -> list[Output]:
         request = event.request
@@ -943,6 +945,10 @@ class UserAgent:
             return self._on_invite_response(leg, response, now)
         if key.method == "INVITE" and key == leg.reinvite_key:
             return self._on_reinvite_response(leg, response, now)
+        acked = leg.reinvite_acked
+        if acked is not None and key == acked[0] and 200 <= response.status < 300:
+            # §13.2.2.4: a retransmitted 2xx to our re-INVITE: the same ACK again.
+            return [Transmit(acked[1], leg.peer)]
         if key.method == "BYE" and key == leg.bye_key and response.status >= 200:
             leg.state = CallState.ENDED
             if leg.dialog is not None:
@@ -1010,7 +1016,3 @@ class UserAgent:
 
 
 _NO_KEY = TransactionKey(False, "", "")
-
-
-def client_key_of(request: SipRequest) -> TransactionKey:
-    return TransactionKey(False, request.cseq.method, request.branch or "", "")

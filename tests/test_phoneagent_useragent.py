@@ -535,3 +535,195 @@ def test_hostile_requests_never_break_the_agent(junk: bytes, method: str) -> Non
         return
     net.feed(b, b.agent.receive(parsed, ("127.0.0.1", 5009), net.now))
     net.advance(40)
+
+
+# --- more corners -------------------------------------------------------------------------------
+
+
+def test_retransmitted_2xx_gets_the_same_ack_again() -> None:
+    net, a, b = pair()
+    call_id = connect(net, a, b)
+    ok = next(m for m in a.received if isinstance(m, SipResponse) and m.status == 200)
+    first_ack = next(m for m in b.received if isinstance(m, SipRequest) and m.method == "ACK")
+    net.feed(a, a.agent.receive(ok, b.address, net.now))  # the network duplicated the 200
+    acks = [m for m in b.received if isinstance(m, SipRequest) and m.method == "ACK"]
+    assert len(acks) == 2
+    assert acks[1].encode() == first_ack.encode()
+    assert [e for e in a.events if isinstance(e, CallAnswered)] == [
+        CallAnswered(call_id, b"v=0 answer\r\n")
+    ]
+
+
+def test_lost_ack_of_a_reinvite_makes_its_200_go_again() -> None:
+    net, a, b = pair()
+    call_id = connect(net, a, b)
+    acks = 0
+
+    def drop_next_ack(message: SipMessage, source: object, destination: object) -> bool:
+        nonlocal acks
+        if isinstance(message, SipRequest) and message.method == "ACK":
+            acks += 1
+            return acks == 1
+        return False
+
+    net.drop = drop_next_ack
+    net.feed(a, a.agent.reinvite(call_id, b"o", net.now))
+    net.feed(b, b.agent.answer_reinvite(call_id, b"a", net.now))
+    oks_before = methods(a.received).count("200")
+    net.advance(1.0)
+    assert methods(a.received).count("200") > oks_before
+    assert [e for e in a.events if isinstance(e, ReinviteDone)] == [
+        ReinviteDone(call_id, 200, b"a")
+    ]
+    # The ACK finally came: a new offer is possible.
+    net.feed(b, b.agent.reinvite(call_id, b"o2", net.now))
+    assert OfferReceived(call_id, b"o2") in a.events
+
+
+def test_invite_to_nobody_times_out_with_408() -> None:
+    net = Network()
+    a = net.add("2001", 5001)
+    call_id, out = a.agent.invite("sip:2002@127.0.0.1:5999", b"v=0\r\n", net.now)
+    net.feed(a, out)
+    net.advance(40)
+    assert CallFailed(call_id, 408, "Request Timeout") in a.events
+    assert a.agent.call_state(call_id) in (CallState.ENDED, None)
+
+
+def test_hangup_before_any_answer_from_nobody_ends_by_timeout() -> None:
+    net = Network()
+    a = net.add("2001", 5001)
+    call_id, out = a.agent.invite("sip:2002@127.0.0.1:5999", b"v=0\r\n", net.now)
+    net.feed(a, out)
+    assert a.agent.hangup(call_id, net.now) == []
+    net.advance(40)
+    assert any(isinstance(e, CallFailed) and e.status == 408 for e in a.events)
+    cancels = [m for m, _ in net.outside if isinstance(m, SipRequest) and m.method == "CANCEL"]
+    assert cancels == []  # never a CANCEL without a provisional response
+
+
+def test_bye_to_a_vanished_peer_ends_the_call_after_a_timeout() -> None:
+    net, a, b = pair()
+    call_id = connect(net, a, b)
+    del net.nodes[b.address]
+    net.feed(a, a.agent.hangup(call_id, net.now))
+    assert a.agent.call_state(call_id) is CallState.ENDING
+    net.advance(40)
+    assert CallEnded(call_id, by_remote=False, status=408) in a.events
+
+
+def test_hangup_twice_and_unknown_calls_do_nothing() -> None:
+    net, a, b = pair()
+    call_id = connect(net, a, b)
+    net.feed(a, a.agent.hangup(call_id, net.now))
+    assert a.agent.hangup(call_id, net.now) == []
+    assert a.agent.hangup("no-such-call", net.now) == []
+    with pytest.raises(UserAgentError):
+        a.agent.ring("no-such-call", net.now)
+
+
+def test_message_to_nobody_reports_408() -> None:
+    net = Network()
+    a = net.add("2001", 5001)
+    key, out = a.agent.send_text("sip:x@127.0.0.1:5999", "anyone?", net.now)
+    net.feed(a, out)
+    net.advance(40)
+    assert MessageDelivered(key, 408, "Request Timeout") in a.events
+
+
+def test_second_invite_with_a_known_call_id_is_a_loop() -> None:
+    net, a, b = pair()
+    call_id = place_call(net, a, b)
+    invite = b.received[0]
+    assert isinstance(invite, SipRequest)
+    copy = invite.copy()
+    copy.headers.replace_first("Via", "SIP/2.0/UDP 127.0.0.1:5001;branch=z9hG4bKother;rport")
+    net.feed(b, b.agent.receive(copy, a.address, net.now))
+    assert 482 in [m.status for m in a.received if isinstance(m, SipResponse)]
+    assert [e for e in b.events if isinstance(e, IncomingCall)] == [b.events[0]]
+    assert b.agent.call_state(call_id) is CallState.INCOMING
+
+
+def test_registration_granted_by_the_expires_header_and_retried_after_failure() -> None:
+    net, node, server = registering()
+    net.feed(node, node.agent.register(net.now))
+    first = server.take()
+    answer_from(net, node, make_response(first, 500, to_tag="s"), PROXY)
+    assert node.events == [RegistrationFailed(500, "Server Internal Error")]
+    net.advance(31)  # a failed registration is tried again later
+    again = server.take()
+    assert again.method == "REGISTER"
+    answer_from(
+        net, node, make_response(again, 200, to_tag="s", headers=[("Expires", "90")]), PROXY
+    )
+    assert node.events[-1] == Registered(90)
+
+
+def test_invite_answers_a_401_as_well() -> None:
+    net, node, server = registering()
+    call_id, out = node.agent.invite("2002", b"v=0\r\n", net.now)
+    net.feed(node, out)
+    answer_from(net, node, server.challenge(server.take(), 401), PROXY)
+    assert server.take().method == "ACK"
+    again = server.take()
+    assert server.verify(again, "Authorization")
+    answer_from(net, node, server.challenge(again, 401), PROXY)  # still wrong: give up
+    assert node.events == [CallFailed(call_id, 401, "Unauthorized")]
+
+
+def test_invite_without_password_reports_the_challenge() -> None:
+    net = Network()
+    node = net.add("2001", 5001, proxy=PROXY, domain="127.0.0.1")
+    server = FakeServer(net)
+    call_id, out = node.agent.invite("2002", b"v=0\r\n", net.now)
+    net.feed(node, out)
+    answer_from(net, node, server.challenge(server.take(), 407), PROXY)
+    assert node.events == [CallFailed(call_id, 407, "Proxy Authentication Required")]
+
+
+def test_answer_through_a_proxy_goes_back_to_where_the_invite_came_from() -> None:
+    net, a, b = pair()
+    call_id = connect(net, a, b)
+    net.feed(b, b.agent.hangup(call_id, net.now))
+    bye = next(m for m in a.received if isinstance(m, SipRequest) and m.method == "BYE")
+    assert bye.uri == "sip:2001@127.0.0.1:5001"  # the caller's Contact
+    assert bye.to_tag is not None and bye.from_tag is not None
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from([200, 401, 403, 407, 423, 500, 503, "timeout"]), max_size=8))
+def test_registration_follows_whatever_the_server_says(answers: list[object]) -> None:
+    """A model of registration: after each final answer, `registered` is True exactly when
+    the last one was a 2xx; the agent always has a REGISTER or a refresh pending."""
+    net, node, server = registering()
+    net.feed(node, node.agent.register(net.now))
+    registered = False
+    for answer in answers:
+        for _ in range(70):  # wait for the refresh, or the retry after a failure
+            if len(net.outside) > server.seen:
+                break
+            net.advance(1.0)
+        assert len(net.outside) > server.seen, "the agent gave up"
+        request = server.take()
+        server.seen = len(net.outside)  # skip retransmissions
+        if answer == "timeout":
+            net.advance(33)
+            server.seen = len(net.outside)  # its retransmissions: never answered
+            registered = False
+            continue
+        assert isinstance(answer, int)
+        if answer in (401, 407):
+            response = server.challenge(request, answer)
+        else:
+            response = make_response(request, answer, to_tag="s")
+        answer_from(net, node, response, PROXY)
+        if answer == 200:
+            registered = True
+        elif answer in (401, 407):
+            # Answered with credentials (a new REGISTER pending; the old binding still
+            # stands), or given up after answering once already.
+            if len(net.outside) == server.seen:
+                registered = False
+        else:
+            registered = False
+        assert node.agent.registered == registered
