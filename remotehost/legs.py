@@ -57,7 +57,7 @@ from shared.sip.message import (
     SipResponse,
     make_response,
 )
-from shared.sip.transaction import TransactionError, TransactionKey, make_cancel
+from shared.sip.transaction import TransactionError, TransactionKey, client_key, make_cancel
 from shared.sip.uri import SipUri
 from shared.wire.messages import (
     CallAnswer,
@@ -132,13 +132,17 @@ class SipLeg:
         return f"<sip:{user}@{_host(host)}:{port}{suffix}>"
 
     async def _request(self, request: SipRequest) -> TransactionKey | None:
+        # Known before it is sent: on loopback or a LAN the answer (a 180, which is never
+        # repeated) may be handled while the send itself is still returning.
+        expected = client_key(request)
+        if not self.closed:
+            self.legs.keys[expected] = self
         try:
             key = await self.port.request(request, self.destination)
         except TransactionError as exc:
             log.warning("cannot send %s: %s", request.method, exc)
+            self.legs.keys.pop(expected, None)
             return None
-        if not self.closed:
-            self.legs.keys[key] = self
         return key
 
     # -- inside the dialog --
@@ -238,11 +242,11 @@ class SipLeg:
         except DialogError as exc:
             return UpdateResult(481, f"Call/Transaction Does Not Exist ({exc})")
         send, receive = trio.open_memory_channel[SipResponse](1)
-        key = await self._request(request)
-        if key is None:
-            return UpdateResult(503, "Service Unavailable (overloaded)")
-        self._waiting[key] = send
+        key = client_key(request)
+        self._waiting[key] = send  # before sending: the answer may come at once
         try:
+            if await self._request(request) is None:
+                return UpdateResult(503, "Service Unavailable (overloaded)")
             with trio.move_on_after(64 * self.legs.t1 + 1):
                 response = await receive.receive()
                 dialog.receive_response(update.method, response)
@@ -402,11 +406,10 @@ class UacLeg(SipLeg):
         if offer.sdp:
             headers.add("Content-Type", "application/sdp")
         self.invite = SipRequest("INVITE", self.binding.contact, headers, offer.sdp or b"")
-        key = await self._request(self.invite)
-        if key is None:
+        self.invite_key = client_key(self.invite)
+        if await self._request(self.invite) is None:
+            self.invite_key = None
             await self.controller.on_event(self, Fail(503, "Service Unavailable (overloaded)"))
-            return
-        self.invite_key = key
 
     async def _cancel(self) -> None:
         if self.invite is not None:
