@@ -24,7 +24,7 @@ It does not parse SDP (`negotiation.py`), do RTP (`media.py`) or print: the CLI 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -272,15 +272,22 @@ class Call:
         """Answer an incoming call (200 with our SDP answer); returns once it is confirmed."""
         if self.direction != "incoming":
             raise PhoneError("only an incoming call can be answered")
+        if self.media is not None or self.ended:
+            raise PhoneError("the call was answered already, or is over")
         await self._open_media(tone=tone, play=play, record=record)
         assert self.sdp is not None
         try:
             answer, plan = self.sdp.answer(self.offer)
         except MediaNegotiationError as exc:
+            self._finish_media()
             await self.reject(488)
             raise PhoneError(f"cannot answer: {exc}") from None
         self._apply(plan)
-        await self.phone._do(lambda now: self.phone.ua.answer(self.call_id, answer, now))
+        try:
+            await self.phone._do(lambda now: self.phone.ua.answer(self.call_id, answer, now))
+        except PhoneError:
+            self._finish_media()  # cancelled meanwhile: the call ended without us
+            raise
         with trio.move_on_after(GUARD):
             await self.wait_answered()
 
@@ -464,7 +471,7 @@ class Phone:
             return
         await self._process(self._ua.receive(message, source, trio.current_time()))
 
-    async def _do(self, action: Any) -> None:
+    async def _do(self, action: Callable[[float], list[Output]]) -> None:
         """Run a user agent method `action(now)` and process what it produced."""
         try:
             outputs = action(trio.current_time())
@@ -568,7 +575,7 @@ class Phone:
         call._apply(plan)
         self._soon(lambda now: self.ua.answer_reinvite(call.call_id, answer, now))
 
-    def _soon(self, action: Any) -> None:
+    def _soon(self, action: Callable[[float], list[Output]]) -> None:
         """Run a user agent action from an event handler (which cannot await)."""
         if self._nursery is not None:
             self._nursery.start_soon(self._do, action)
@@ -632,7 +639,11 @@ class Phone:
         await call._open_media(tone=tone, play=play, record=record)
         assert call.sdp is not None
         offer = call.sdp.offer()
-        call_id, outputs = self.ua.invite(number, offer, trio.current_time())
+        try:
+            call_id, outputs = self.ua.invite(number, offer, trio.current_time())
+        except UserAgentError as exc:
+            call._finish_media()
+            raise PhoneError(str(exc)) from None
         call.call_id = call_id
         self._calls[call_id] = call
         await self._process(outputs)

@@ -350,3 +350,84 @@ async def test_audio_survives_a_terrible_network(tmp_path: Path, seed: int) -> N
         assert stats.packets_lost > 0
         assert stats.concealed + stats.late > 0
     assert stats_b.dtmf_received == "42"
+
+
+# --- the API's edges ---------------------------------------------------------------------------
+
+
+async def test_leaving_open_phone_hangs_up_its_calls() -> None:
+    with trio.fail_after(GUARD):
+        async with open_phone(ext="2002") as b:
+            async with open_phone(ext="2001") as a:
+                call = await a.call(b.uri)
+                incoming = await answer_next(b)
+                await call.wait_answered()
+            stats = await incoming.wait_ended()
+    assert stats.ended_by == "remote" and stats.answered
+    assert call.ended and call.stats().ended_by == "local"
+
+
+async def test_misuse_is_a_phone_error() -> None:
+    with trio.fail_after(GUARD):
+        async with open_phone(ext="2001") as a, open_phone(ext="2002") as b:
+            call = await a.call(b.uri)
+            with pytest.raises(PhoneError, match="only an incoming call"):
+                await call.answer()
+            with pytest.raises(PhoneError, match="answered call"):
+                await call.send_dtmf("1")
+            with pytest.raises(PhoneError, match="not established"):
+                await call.hold()
+            incoming = await b.next_call()
+            await incoming.answer()
+            await call.wait_answered()
+            with pytest.raises(PhoneError, match="not DTMF"):
+                await call.send_dtmf("1x")
+            with pytest.raises(PhoneError):
+                await incoming.answer()  # twice
+            await call.hangup()
+            await incoming.wait_ended()
+            with pytest.raises(PhoneError, match="not established"):
+                await call.resume()
+            assert (await call.hangup()).ended_by == "local"  # again: nothing more happens
+
+
+async def test_callee_can_hold_the_caller() -> None:
+    with trio.fail_after(GUARD):
+        async with open_phone(ext="2001") as a, open_phone(ext="2002") as b:
+            call = await a.call(b.uri, tone=350)
+            incoming = await answer_next(b, tone=900)
+            await call.wait_answered()
+            await incoming.hold()
+            assert call.remote_hold and incoming.local_hold
+            assert call.plan is not None and call.plan.direction == "recvonly"
+            await incoming.resume()
+            assert not call.remote_hold
+            assert call.plan is not None and call.plan.direction == "sendrecv"
+            await call.hangup()
+
+
+async def test_invite_without_sdp_is_refused_with_488() -> None:
+    with trio.fail_after(GUARD):
+        async with open_phone(ext="2002") as b:
+            sock = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+            await sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            invite = (
+                f"INVITE {b.uri} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKlate1;rport\r\n"
+                "Max-Forwards: 70\r\nFrom: <sip:late@127.0.0.1>;tag=l1\r\n"
+                f"To: <{b.uri}>\r\nCall-ID: late-offer-1\r\nCSeq: 1 INVITE\r\n"
+                f"Contact: <sip:late@127.0.0.1:{port}>\r\nContent-Length: 0\r\n\r\n"
+            )
+            await sock.sendto(invite.encode(), ("127.0.0.1", b.port))
+            incoming = await b.next_call()
+            with pytest.raises(PhoneError, match="cannot answer"):
+                await incoming.answer()
+            statuses = []
+            while 488 not in statuses:
+                data, _ = await sock.recvfrom(65536)
+                response = parse_message_untrusted(data)
+                assert isinstance(response, SipResponse)
+                statuses.append(response.status)
+            sock.close()
+    assert statuses[0] == 100 and statuses[-1] == 488

@@ -209,3 +209,25 @@ def test_global_options_after_the_subcommand(tmp_path: Path) -> None:
         _, out, _ = finish(callee)
     assert result.returncode == 0, result.stderr
     assert one_json(out)["remote"].startswith("sip:2077@")
+
+
+def test_summary_line_and_record_paths() -> None:
+    from phoneagent.cli import _describe, _record_path, build_parser
+    from phoneagent.phone import CallStats
+
+    answered = CallStats("c", "outgoing", "sip:2002@x", answered=True, duration=5.04,
+                         codec="PCMA", packets_sent=250, packets_received=249, packets_lost=1,
+                         jitter_ms=0.42, dtmf_received="12")  # fmt: skip
+    assert _describe(answered) == (
+        "call sip:2002@x: 5.0 s, PCMA, sent 250, received 249, lost 1, jitter 0.4 ms, "
+        "DTMF received 12"
+    )
+    failed = CallStats("c", "outgoing", "2002", status=486, reason="Busy Here")
+    assert _describe(failed) == "call 2002: not answered (486 Busy Here)"
+    assert _record_path(None, 0, 3) is None
+    assert _record_path("in.wav", 0, 1) == Path("in.wav")
+    assert _record_path("dir/in.wav", 1, 3) == Path("dir/in-2.wav")
+    args = build_parser().parse_args(["--server", "192.0.2.1", "answer", "--ext", "7", "--busy"])
+    assert (args.server, args.ext, args.busy, args.count, args.local_ip) == (
+        "192.0.2.1", "7", True, 1, "127.0.0.1",
+    )  # fmt: skip
