@@ -6,9 +6,11 @@ use. What each test shows is read back from BOTH hosts' `status --json`: the rem
 bindings and the main host's copy, which the remote host reports over the trunk (F2).
 
 Most tests share one office (module scope) and each uses its own extension, so they do not
-see each other's bindings. Password cracking blocks its source address for minutes, so that
-test gets an office of its own. Waits poll with a deadline (a hang guard, never a timing
-assertion); silence is judged after a later message was answered, not after a pause.
+see each other's bindings. Five failed authentications block a source address for minutes:
+wrong passwords come from 127.0.0.3, never from 127.0.0.1 where the other tests' phones are,
+and password cracking (which sipvicious only does from 127.0.0.1) gets an office of its own.
+Waits poll with a deadline (a hang guard, never a timing assertion); silence is judged after a
+later message was answered, not after a pause.
 
 A missing peer program FAILS the test, naming the Debian package (deploy/setup.sh installs
 them): a skip would hide a broken CI.
@@ -50,6 +52,7 @@ from tests.peerhelpers import (
 
 pytestmark = pytest.mark.peer
 
+WRONG_IP = "127.0.0.3"  # where the wrong passwords come from
 PHONES = {f"20{i:02d}": f"secret-20{i:02d}" for i in range(1, 11)}
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "sip" / "rfc4475"
 
@@ -156,14 +159,18 @@ def test_sipp_registers_with_md5_digest(office: Office, tmp_path: Path, transpor
 @pytest.mark.parametrize(("transport", "name"), [("u1", "UDP"), ("t1", "TCP")])
 def test_sipp_with_a_wrong_password_is_refused(office: Office, tmp_path: Path, transport, name):
     before = office.sip_stats()["service"]["registrar"]
-    run, port = register(office, tmp_path, "2001", "not-the-password", transport=transport)
+    # From an address of its own: failures add up per address (five block it), and the
+    # other tests share this office from 127.0.0.1.
+    run, port = register(
+        office, tmp_path, "2001", "not-the-password", transport=transport, local_ip=WRONG_IP
+    )
     assert run.returncode != 0
     # Challenged twice: the answer to the challenge was refused like no answer at all.
     assert run.statuses() == [401, 401], run.messages
     after = office.sip_stats()["service"]["registrar"]
     assert after["auth_failures"] == before["auth_failures"] + 1
     assert after["accepted"] == before["accepted"]
-    contact = contact_of("2001", port, name)
+    contact = contact_of("2001", port, name, WRONG_IP)
     assert _with_contact(office.registrations("2001"), contact) is None
     remote_cli, main_cli = cli_registrations(office, "2001")
     assert contact not in [r["contact"] for r in remote_cli + main_cli]
@@ -503,7 +510,8 @@ def test_unanswered_keepalives_mark_the_contact_unreachable(office: Office, tmp_
     ("scenario", "status", "counter"),
     [
         ("options_allow.xml", 200, "options_answered"),
-        ("invite_405.xml", 405, "not_allowed"),
+        ("invite_challenge.xml", 407, "invites_challenged"),
+        ("subscribe_405.xml", 405, "not_allowed"),
         ("unknown_method.xml", 501, "not_implemented"),
         ("register_foreign.xml", 403, None),
     ],
@@ -534,14 +542,15 @@ SILENT = None
 # parser rejects a message, the status is the one tests/test_rfc4475.py expects of it (the
 # one RFC 4475 names); where it accepts one, it is what the service does with the request.
 ANSWERS: dict[str, tuple[int, str] | None] = {
-    # §3.1.1 valid messages: the method decides (no calls yet: INVITE and MESSAGE get 405).
-    "wsinv.dat": (405, "Method Not Allowed"),
+    # §3.1.1 valid messages: the method decides. A new INVITE is challenged first (407); one
+    # with a To tag belongs to a dialog we do not have (481); MESSAGE only inside a call.
+    "wsinv.dat": (481, "Does Not Exist"),
     "intmeth.dat": (501, "Not Implemented"),
-    "esc01.dat": (405, "Method Not Allowed"),
+    "esc01.dat": (407, "Proxy Authentication Required"),
     "escnull.dat": (403, "domain"),  # REGISTER sip:example.com: not our domain
     "esc02.dat": (501, "Not Implemented"),  # RE%47IST%45R is not REGISTER
     "lwsdisp.dat": (200, "OK"),
-    "longreq.dat": (405, "Method Not Allowed"),
+    "longreq.dat": (407, "Proxy Authentication Required"),
     "dblreq.dat": (403, "domain"),
     "semiuri.dat": (200, "OK"),
     "transports.dat": (200, "OK"),
@@ -576,7 +585,7 @@ ANSWERS: dict[str, tuple[int, str] | None] = {
     "novelsc.dat": (416, "Scheme"),
     "unksm2.dat": (403, "domain"),
     "bext01.dat": (420, "Bad Extension"),
-    "invut.dat": (405, "Method Not Allowed"),  # RFC 4475: 415 from a UAS that takes INVITEs
+    "invut.dat": (407, "Proxy Authentication Required"),  # RFC 4475: 415 (after auth, here)
     "regaut01.dat": (403, "domain"),  # 401 once the domain is ours: see REGISTERS_TO_US
     "multi01.dat": (400, "Multiple"),
     "mcl01.dat": (400, "Multiple Content-Length"),
@@ -585,9 +594,9 @@ ANSWERS: dict[str, tuple[int, str] | None] = {
     "cparam01.dat": (403, "domain"),
     "cparam02.dat": (403, "domain"),
     "regescrt.dat": (403, "domain"),
-    "sdp01.dat": (405, "Method Not Allowed"),  # RFC 4475: 406 from a UAS that takes INVITEs
+    "sdp01.dat": (407, "Proxy Authentication Required"),  # RFC 4475: 406 (after auth, here)
     # §3.4
-    "inv2543.dat": (405, "Method Not Allowed"),
+    "inv2543.dat": (407, "Proxy Authentication Required"),
 }
 
 # Where we answer differently from RFC 4475 (reported; the test keeps the RFC's answer).
