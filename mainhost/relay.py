@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from shared.aio.dscp import set_dscp_ef
 from shared.media.wan import (
     DIRECTION_FROM_RELAY,
     DIRECTION_TO_RELAY,
@@ -51,22 +52,8 @@ _RECEIVE_SIZE = 2048
 # more are ready: wait_readable returns immediately).
 _BATCH = 512
 # RFC 4594 §4.5 / RFC 3246: Expedited Forwarding, DSCP 46, shifted into the TOS/traffic class.
-DSCP_EF_TOS = 0xB8
 
 Address = tuple[Any, ...]
-
-
-def set_dscp_ef(sock: socket.socket) -> None:
-    """Mark everything `sock` sends as Expedited Forwarding (F7: voice goes first)."""
-    if sock.family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, DSCP_EF_TOS)
-        # A dual-stack socket sends IPv4 too; Linux takes IP_TOS for those.
-        try:
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, DSCP_EF_TOS)
-        except OSError:
-            pass
-    else:
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, DSCP_EF_TOS)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from typing import Any
 
 import trio
 
+from shared.aio.dscp import set_dscp_ef
 from shared.media.rtp import is_rtp_or_rtcp
 from shared.media.wan import (
     DIRECTION_FROM_RELAY,
@@ -50,20 +51,11 @@ KEEPALIVE_INTERVAL = 2.0
 _RECEIVE_SIZE = 2048
 _BATCH = 256
 # RFC 4594 §4.5 / RFC 3246: Expedited Forwarding, DSCP 46, in the TOS / traffic class byte.
-DSCP_EF_TOS = 0xB8
 # Sender counters of closed calls, per (key, leg), so that a leg opened again under the same key
 # never starts again at 0 (a GCM nonce must never repeat). Bounded: the oldest are forgotten.
 _SPENT_LIMIT = 4096
 
 Address = tuple[Any, ...]
-
-
-def set_dscp_ef(sock: socket.socket) -> None:
-    """Mark everything `sock` sends as Expedited Forwarding (F7: voice goes first)."""
-    if sock.family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, DSCP_EF_TOS)
-    else:
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, DSCP_EF_TOS)
 
 
 def _udp_socket(ip: str) -> socket.socket:
