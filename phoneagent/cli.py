@@ -15,9 +15,11 @@ Global options may come before or after the subcommand.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,10 @@ EXIT_CALL_FAILED = 1
 
 class _Failed(Exception):
     """A call ended with a failure status: printed, exit status 1."""
+
+
+class _Terminated(Exception):
+    """SIGTERM: calls hung up, unregistered; exit status 143 (128 + SIGTERM)."""
 
 
 def _positive(text: str) -> float:
@@ -213,21 +219,37 @@ async def _run(args: argparse.Namespace) -> None:
             # the only way to learn the port.
             how = f"registered at {args.server}" if args.server else "not registered"
             print(f"phoneagent: listening on {phone.uri} ({how})", file=sys.stderr, flush=True)
+            terminated = False
+
+            async def stop_on_sigterm(scope: trio.CancelScope) -> None:
+                # A service manager's stop: hang up and unregister (open_phone does both on
+                # the way out) instead of vanishing with a binding left at the registrar.
+                nonlocal terminated
+                with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        terminated = True
+                        scope.cancel()
+                        return
+
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(out.show_messages, phone)
+                nursery.start_soon(stop_on_sigterm, nursery.cancel_scope)
                 if args.command == "call":
                     await _run_call(phone, args, out)
                 else:
                     await _run_answer(phone, args, out)
                 nursery.cancel_scope.cancel()
+        if terminated:
+            raise _Terminated
     except* OSError as group:
         raise PhoneError(_os_error(group.exceptions[0], args)) from None
 
 
 def _os_error(exc: BaseException, args: argparse.Namespace) -> str:
+    if isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+        return f"cannot use {args.local_ip}:{args.sip_port} for SIP: {exc.strerror}"
     if isinstance(exc, OSError):
-        reason = exc.strerror or str(exc)
-        return f"cannot use {args.local_ip}:{args.sip_port} for SIP: {reason}"
+        return f"network error: {exc.strerror or exc}"
     return str(exc)
 
 
@@ -251,6 +273,8 @@ def _main(argv: list[str] | None) -> int:
         if isinstance(inner, _Failed):
             print(f"phoneagent: {inner}", file=sys.stderr)
             return EXIT_CALL_FAILED
+        if isinstance(inner, _Terminated):
+            return 128 + signal.SIGTERM
         if isinstance(inner, (PhoneError, AudioFileError, ValueError)):
             raise PhoneError(str(inner)) from None
         if inner is not exc:

@@ -231,3 +231,13 @@ def test_summary_line_and_record_paths() -> None:
     assert (args.server, args.ext, args.busy, args.count, args.local_ip) == (
         "192.0.2.1", "7", True, 1, "127.0.0.1",
     )  # fmt: skip
+
+
+def test_sigterm_ends_an_answering_agent_cleanly() -> None:
+    import signal
+
+    with answering("--count", "3") as (_, callee):
+        callee.send_signal(signal.SIGTERM)
+        status, _, err = finish(callee)
+    assert status == 128 + signal.SIGTERM
+    assert "Traceback" not in err

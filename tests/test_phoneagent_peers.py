@@ -161,3 +161,28 @@ async def test_sipp_uac_gets_answered_by_the_agent(tmp_path: Path) -> None:
     assert result.returncode == 0, trace[-3000:]
     assert "SIP/2.0 180 Ringing" in trace and "SIP/2.0 200 OK" in trace
     assert "a=sendrecv" in trace  # our SDP answer
+
+
+def test_cli_agent_registers_and_unregisters_on_sigterm(office: Office) -> None:
+    import re
+    import signal
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "phoneagent", "--server", f"{LOOPBACK}:{office.sip_port}",
+         "--ext", "2002", "--password", PHONES["2002"], "answer"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline()
+        match = re.search(r"listening on sip:2002@127\.0\.0\.1:(\d+) \(registered", line)
+        assert match, line
+        port = match.group(1)
+        assert any(f":{port}" in c for c in bindings(office, "2002"))
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=GUARD)
+    finally:
+        stop_process(process)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert not any(f":{port}" in c for c in bindings(office, "2002"))
