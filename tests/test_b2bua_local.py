@@ -376,3 +376,34 @@ async def test_a_password_guesser_is_blocked_for_invites_too(tmp_path: Path) -> 
         assert b.received("INVITE") == []
         assert office.sip.stats.blocked_drops >= 1
         nursery.cancel_scope.cancel()
+
+
+async def test_early_media_183_and_hold_from_the_called_phone(tmp_path: Path) -> None:
+    async with open_office(tmp_path) as office, trio.open_nursery() as nursery:
+        a = await office.phone("201", nursery)
+        b = await office.phone("202", nursery)
+        with trio.fail_after(GUARD):
+            call = await a.call("202", sdp(30000))
+            invite = await b.expect_request("INVITE")
+            await b.reply(invite, 183, sdp(30002))
+            early = await a.expect_response(183)
+            assert early.body == sdp(30002)  # early media SDP, phone to phone, untouched
+            dialog = await b.answer(invite, sdp(30002))
+            await a.answered(call)
+            assert call.dialog is not None
+            # Now the called phone puts the caller on hold.
+            reinvite = await b.request_in(
+                dialog, "INVITE", sdp(30002, "sendonly"), "application/sdp"
+            )
+            passed = await a.expect_request("INVITE")
+            assert passed.body == sdp(30002, "sendonly")
+            call.dialog.receive_request(passed)
+            await a.answer_in(passed, 200, sdp(30000, "recvonly"))
+            answered = await b.expect_response(200, call_id=reinvite.call_id)
+            assert answered.body == sdp(30000, "recvonly")
+            await b.send(dialog.create_ack(via=b.via(), invite=reinvite))
+            await a.expect_request("ACK")
+            await b.request_in(dialog, "BYE")
+            await a.expect_request("BYE")
+        await office.settled()
+        nursery.cancel_scope.cancel()
