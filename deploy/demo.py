@@ -10,22 +10,26 @@ public address. Everything is removed at the end, also on Ctrl-C. Needs root.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "lab"))
 
 import netlab  # noqa: E402
-from labsystem import LabSystem  # noqa: E402
+from labsystem import PYTHON, LabSystem, wait_until  # noqa: E402
 from rich.console import Console, Group  # noqa: E402
 from rich.live import Live  # noqa: E402
 from rich.panel import Panel  # noqa: E402
 
 from mainhost.cli import render_status  # noqa: E402
+from phoneagent.tone import dominant_frequency  # noqa: E402
 
 OFFICES = {1: "berlin", 2: "lisbon"}
 console = Console()
@@ -47,7 +51,7 @@ def main() -> int:
         return 2
     netlab.cleanup_stale()
     workdir = Path(tempfile.mkdtemp(prefix="branchpbx-demo-"))
-    with netlab.Lab(2, hosts=["rh"], different_subnets=args.different_subnets) as lab:
+    with netlab.Lab(2, hosts=["rh", "phone"], different_subnets=args.different_subnets) as lab:
         system = LabSystem(lab, workdir, names=OFFICES)
         try:
             run(lab, system, hold=args.hold)
@@ -73,9 +77,14 @@ def run(lab: netlab.Lab, system: LabSystem, *, hold: bool) -> None:
         console.print(f"  [dim]{token}[/]")
         system.join(k, token)
         system.start_remote(k)
+    for k in OFFICES:
+        wait_until(partial(office_online, system, k), 30, f"{OFFICES[k]} online")
+    step("both offices are online behind their NAT routers")
+    console.print(render_status(system.main_status()))
+    place_call(lab, system, workdir=system.workdir)
 
     story: list[tuple[str, Callable[[], object] | None, float]] = [
-        ("both offices log in from behind their NAT routers", None, 8),
+        ("both offices online", None, 3),
         (f"cutting {OFFICES[1]}'s WAN link", lab.office(1).cut_wan, 7),
         (f"restoring {OFFICES[1]}'s WAN link", lab.office(1).restore_wan, 6),
         (
@@ -92,6 +101,65 @@ def run(lab: netlab.Lab, system: LabSystem, *, hold: bool) -> None:
         while hold:
             show(live, system, "holding: Ctrl-C to stop and remove the lab", 3600)
     console.print(render_status(system.main_status()))
+
+
+def office_online(system: LabSystem, office: int) -> bool:
+    return bool(system.office_status(office)["online"])
+
+
+def agent(lab: netlab.Lab, office: int, *args: str) -> list[str]:
+    ext = f"{office + 1}001"
+    return [
+        PYTHON, "-m", "phoneagent", "--server", lab.office(office).host("rh").address,
+        "--ext", ext, "--password", f"demo-secret-{ext}",
+        "--local-ip", lab.office(office).host("phone").address, *args, "--json",
+    ]  # fmt: skip
+
+
+def place_call(lab: netlab.Lab, system: LabSystem, *, workdir: Path) -> None:
+    """berlin's phone 2001 calls lisbon's 3001; each plays a tone and records the other."""
+    heard = {1: workdir / "berlin-heard.wav", 2: workdir / "lisbon-heard.wav"}
+    step("a call: berlin 2001 (plays 440 Hz) -> lisbon 3001 (plays 660 Hz), 4 s of audio")
+    answering = lab.popen(
+        lab.office(2).host("phone").ns,
+        agent(lab, 2, "answer", "--tone", "660", "--record", str(heard[2])),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_until(
+        lambda: any(r["ext"] == "3001" for r in system.remote_status(2)["registrations"]),
+        15,
+        "3001 registered",
+    )
+    calling = lab.run(
+        lab.office(1).host("phone").ns,
+        agent(lab, 1, "call", "3001", "--tone", "440", "--record", str(heard[1]),
+              "--duration", "4"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    answer_out, _ = answering.communicate(timeout=30)
+    for office, output, expected in ((1, calling.stdout, 660), (2, answer_out, 440)):
+        stats = [json.loads(x) for x in output.splitlines() if x.startswith("{")]
+        if not stats:
+            console.print(f"[red]{OFFICES[office]}: the call failed[/] {output[-500:]}")
+            continue
+        got = stats[-1]
+        frequency = dominant_frequency(heard[office])
+        ok = frequency is not None and abs(frequency - expected) < 25
+        colour = "green" if ok and got["answered"] else "red"
+        console.print(
+            f"  [{colour}]{OFFICES[office]} heard {frequency or 0:.0f} Hz (expected {expected})[/],"
+            f" {got['packets_received']} packets received, {got['packets_lost']} lost,"
+            f" codec {got['codec']}, jitter {got['jitter_ms']:.1f} ms"
+        )
+    relay = system.main_status().get("relay") or {}
+    console.print(
+        f"  the main host relayed {relay.get('forwarded', 0)} encrypted packets; dropped"
+        f" {sum(v for k, v in relay.items() if k.startswith('dropped_'))} that did not authenticate"
+    )
 
 
 def show(live: Live, system: LabSystem, caption: str, seconds: float) -> None:
