@@ -6,7 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
-echo "== ruff";   ruff check . && ruff format --check .
-echo "== mypy";   mypy
-echo "== import rules"; lint-imports
-echo "== pytest"; exec pytest -q "$@"
+# One command per line: under `set -e` a failure on the left of `&&` would not stop the script.
+echo "== ruff"
+ruff check .
+ruff format --check .
+echo "== mypy"
+mypy
+echo "== import rules"
+lint-imports
+echo "== pytest"
+exec pytest -q "$@"
