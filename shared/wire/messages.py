@@ -488,3 +488,31 @@ class GrantReply(Message):
     call_id: str
     granted: bool
     reason: str = ""
+
+
+# --- System information to phones (F8), control channel ------------------------------------
+
+
+@message(105)
+@dataclass(frozen=True, slots=True)
+class Announcement(Message):
+    """Main host -> remote host: a text for phones (all registered ones, or `extensions`),
+    to be delivered as SIP MESSAGE until `expires_at` (Unix time), also to phones that
+    register later. Sent again after every login while it has not expired."""
+
+    id: str
+    text: str
+    expires_at: float
+    extensions: list[str] = field(default_factory=list)
+    sender: str = ""
+
+
+@message(106)
+@dataclass(frozen=True, slots=True)
+class AnnouncementReport(Message):
+    """Remote host -> main host: where an announcement got to so far (cumulative)."""
+
+    id: str
+    delivered: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    pending: list[str] = field(default_factory=list)
