@@ -46,6 +46,7 @@ from shared.media.sdp import (
     build_offer,
     is_on_hold,
     parse_sdp_untrusted,
+    with_next_version,
 )
 from shared.wire.messages import CallSetup, GrantReply, Message
 
@@ -237,6 +238,8 @@ class Call:
     wan: WanMedia | None = None
     wan_wired: bool = False
     phone_sdp: SessionDescription | None = None
+    sent_sdp: SessionDescription | None = None
+    """The last SDP we gave the phone of a trunk call (RFC 3264 §8: same o=, next version)."""
     failure: Fail | None = None
     answered: trio.Event = field(default_factory=trio.Event)
     ended: trio.Event = field(default_factory=trio.Event)
@@ -466,7 +469,7 @@ class CallController:
             port=media.local_port,
             codecs=[*codecs, TELEPHONE_EVENT],
         )
-        return sdp.encode()
+        return self._to_phone(call, sdp)
 
     # --- what the legs say ---
 
@@ -559,7 +562,7 @@ class CallController:
                 )
             except SdpNegotiationError:
                 return None
-            return Connect(sdp.encode())
+            return Connect(self._to_phone(call, sdp))
         # inbound: the phone answered our anchor offer; the trunk gets the codec it chose.
         try:
             answer = parse_sdp_untrusted(event.sdp or b"")
@@ -623,22 +626,28 @@ class CallController:
         return await self._update_from_trunk(call, other, update)
 
     async def _update_from_phone(self, call: Call, trunk: Leg, update: Update) -> UpdateResult:
-        if update.method != "INVITE" or not update.body:
+        assert call.media is not None
+        offers = update.method in ("INVITE", "UPDATE") and "sdp" in update.content_type.lower()
+        if update.method == "INVITE" and not update.body:
+            # RFC 3264 §5 / RFC 3261 §14.1: an offerless re-INVITE asks for our offer (in the
+            # 200; the phone answers in its ACK, and the anchor latches on its packets anyway).
+            return UpdateResult(200, "OK", "application/sdp", self._anchor_sdp(call, "sendrecv"))
+        if not offers:
+            if update.body and "sdp" in update.content_type.lower():
+                # The phone's own SDP never crosses the WAN: its address means nothing there.
+                return UpdateResult(488, "Not Acceptable Here (SDP outside an offer)")
             await trunk.update(update)  # INFO and the like travel as CallInfo
             return UpdateResult(200, "OK")
         try:
             offer = parse_sdp_untrusted(update.body)
         except SdpParseError as exc:
             return UpdateResult(400, f"Bad Request (bad SDP: {exc})")
-        assert call.media is not None
         hold = bool(offer.media) and is_on_hold(offer, 0)
         if not hold:
             _aim_at_phone(call.media, offer)
         await trunk.update(Update("hold", hold=hold))
         codecs = _audio_codecs(call.phone_sdp) if call.phone_sdp else []
-        sip_leg = call.a if call.kind == "outbound" else call.winner
-        assert sip_leg is not None
-        address = self.media_address(sip_leg.peer_ip)
+        address = self.media_address(self._sip_leg(call).peer_ip)
         try:
             answer = build_answer(
                 offer,
@@ -649,22 +658,40 @@ class CallController:
             )
         except SdpNegotiationError as exc:
             return UpdateResult(488, f"Not Acceptable Here ({exc})")
-        return UpdateResult(200, "OK", "application/sdp", answer.encode())
+        return UpdateResult(200, "OK", "application/sdp", self._to_phone(call, answer))
 
     async def _update_from_trunk(self, call: Call, phone: Leg, update: Update) -> UpdateResult:
         if update.hold is None:
+            if update.method in _NOT_PASSED or "sdp" in update.content_type.lower():
+                # Session changes come as CallHold; a far phone's SDP means nothing here.
+                return UpdateResult(488, f"Not Acceptable Here ({update.method} not passed on)")
             return await phone.update(update)
+        offer = self._anchor_sdp(call, "sendonly" if update.hold else "sendrecv")
+        return await phone.update(Update("INVITE", "application/sdp", offer))
+
+    def _sip_leg(self, call: Call) -> Leg:
+        leg = call.a if call.kind == "outbound" else call.winner
+        assert leg is not None
+        return leg
+
+    def _anchor_sdp(self, call: Call, direction: str) -> bytes:
+        """An offer to the phone of a trunk call: the anchor, the codec in use."""
         assert call.media is not None
         codecs = _audio_codecs(call.phone_sdp) if call.phone_sdp else []
-        address = self.media_address(phone.peer_ip)
+        address = self.media_address(self._sip_leg(call).peer_ip)
         offer = build_offer(
             origin=_origin(address),
             address=address,
             port=call.media.local_port,
             codecs=[*codecs[:1], TELEPHONE_EVENT] if codecs else _default_codecs(),
-            direction="sendonly" if update.hold else "sendrecv",
+            direction=direction,
         )
-        return await phone.update(Update("INVITE", "application/sdp", offer.encode()))
+        return self._to_phone(call, offer)
+
+    def _to_phone(self, call: Call, sdp: SessionDescription) -> bytes:
+        # RFC 3264 §8: every SDP in a session keeps the first o= line, the version going up.
+        call.sent_sdp = with_next_version(call.sent_sdp, sdp)
+        return call.sent_sdp.encode()
 
     # --- the trunk ---
 
@@ -713,6 +740,10 @@ class CallController:
             await reply(result)
 
         self._spawn(run)
+
+
+# Requests that change the session or the dialog: never passed through the trunk as CallInfo.
+_NOT_PASSED = frozenset({"INVITE", "UPDATE", "ACK", "BYE", "CANCEL", "PRACK"})
 
 
 # --- SDP helpers -------------------------------------------------------------------------------

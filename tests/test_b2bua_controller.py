@@ -554,3 +554,31 @@ async def test_media_leg_without_a_key_is_wired_at_the_next_login() -> None:
             assert media.keys == []  # wired with the new key, not re-keyed
             await w.controller.on_event(a, Disconnect())
             await w.ended()
+
+
+async def test_trunk_call_updates_never_carry_a_phones_sdp_across() -> None:
+    async with world() as w:
+        a = FakeLeg("caller")
+        with trio.fail_after(GUARD):
+            await w.controller.new_call(a, Offer("201", "301", OFFER))
+            await wait_until(lambda: bool(w.legs.trunk))
+            (t,) = w.legs.trunk
+            await w.controller.on_event(t, Connect(codec="PCMU/8000"))
+            (media,) = w.anchor.calls
+            # An offerless re-INVITE gets our offer: the anchor, the codec in use.
+            asked = await w.controller.on_update(a, Update("INVITE"))
+            assert asked.status == 200
+            assert sdp_lines(asked.body, "m=") == [f"m=audio {media.local_port} RTP/AVP 0 101"]
+            # SDP outside an offer, or session changes from the far side: not passed on.
+            odd = await w.controller.on_update(a, Update("INFO", "application/sdp", OFFER))
+            assert odd.status == 488
+            far = await w.controller.on_update(t, Update("UPDATE", "application/sdp", OFFER))
+            assert far.status == 488
+            assert t.updates == [] and a.updates == []
+            # DTMF as INFO does travel, both ways.
+            dtmf = Update("INFO", "application/dtmf-relay", b"Signal=1")
+            assert (await w.controller.on_update(a, dtmf)).status == 200
+            assert (await w.controller.on_update(t, dtmf)).status == 200
+            assert t.updates == [dtmf] and a.updates == [dtmf]
+            await w.controller.on_event(a, Disconnect())
+            await w.ended()

@@ -262,6 +262,12 @@ async def test_hold_and_resume_across_offices(tmp_path: Path) -> None:
                 assert sdp_lines(ok.body, "a=" + answered) == ["a=" + answered]
                 held = await b.expect_request("INVITE")
                 assert sdp_lines(held.body, "a=" + passed_on) == ["a=" + passed_on]
+                # RFC 3264 §8: the same o= line as before toward each phone, version + 1.
+                for before, now in ((c.ok.body, ok.body), (c.invite.body, held.body)):
+                    *same, version, _, _, address = sdp_lines(before, "o=")[0].split()
+                    *same_now, version_now, _, _, address_now = sdp_lines(now, "o=")[0].split()
+                    assert same == same_now and address == address_now
+                    assert int(version_now) == int(version) + (1 if on_hold else 2)
                 assert sdp_lines(held.body, "m=")[0].startswith(
                     f"m=audio {paris_media.local_port} "
                 )
