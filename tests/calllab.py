@@ -161,3 +161,108 @@ def assert_audio(stats: dict[str, Any], recording: Path, expected_hz: float) -> 
     assert heard is not None and abs(heard - expected_hz) < 25, (
         f"heard {heard} Hz, expected {expected_hz}"
     )
+
+
+# --- phones driven through the Python API (phoneagent.phone), for what the CLI cannot do ------
+
+# Run as `python -c PHONE_SCRIPT ROLE SERVER EXT PASSWORD LOCAL_IP [NUMBER]` in a phone's
+# namespace; prints one JSON object on stdout (the call's statistics and what the role saw).
+#   ring:   take one call, ring (180) and never answer; report how the call ended.
+#   cancel: call NUMBER, give up once it rings (CANCEL); report how the call ended.
+#   hold:   call NUMBER, talk, hold (re-INVITE sendonly), resume; packets received per phase.
+PHONE_SCRIPT = r"""
+import json, sys
+import trio
+from phoneagent.phone import CallFailedError, open_phone
+
+role, server, ext, password, local_ip, *rest = sys.argv[1:]
+
+
+async def received(call):
+    return call.stats().packets_received
+
+
+async def grow(call, packets, guard):
+    start = await received(call)
+    with trio.fail_after(guard):
+        while await received(call) < start + packets:
+            await trio.sleep(0.05)
+
+
+async def main():
+    out = {}
+    async with open_phone(ext=ext, password=password, server=server, local_ip=local_ip) as phone:
+        print("registered", file=sys.stderr, flush=True)
+        if role == "ring":
+            with trio.fail_after(120):
+                call = await phone.next_call()
+            await call.ring()
+            out["rang"] = True
+            with trio.fail_after(120):
+                await call.wait_ended()
+        elif role == "cancel":
+            call = await phone.call(rest[0], tone=440)
+            with trio.fail_after(30):
+                while 180 not in call.progress and not call.ended:
+                    await trio.sleep(0.02)
+            out["progress"] = list(call.progress)
+            await call.hangup()
+        elif role == "hold":
+            call = await phone.call(rest[0], tone=440)
+            with trio.fail_after(30):
+                await call.wait_answered()
+            await grow(call, 100, 20)
+            out["before_hold"] = await received(call)
+            await call.hold()
+            # What was on its way when the re-INVITE was answered arrives in the next moments.
+            await trio.sleep(0.5)
+            held_at = await received(call)
+            await trio.sleep(2)
+            out["while_held"] = await received(call) - held_at
+            await call.resume()
+            resumed_at = await received(call)
+            await grow(call, 100, 10)
+            out["after_resume"] = await received(call) - resumed_at
+            await call.hangup()
+        else:
+            raise SystemExit(f"unknown role {role}")
+        out["stats"] = call.stats().to_json()
+    print(json.dumps(out), flush=True)
+
+
+trio.run(main)
+"""
+
+
+def script_in_background(
+    offices: Offices, office: int, phone: int, role: str, *args: str
+) -> subprocess.Popen[str]:
+    """PHONE_SCRIPT as office `office`'s phone `phone` (its own extension and address)."""
+    host = offices.lab.office(office).host(f"p{phone}")
+    argv = [
+        PYTHON, "-c", PHONE_SCRIPT, role, offices.server(office), f"{office}00{phone}",
+        PASSWORD, host.address, *args,
+    ]  # fmt: skip
+    agent: subprocess.Popen[str] = offices.lab.popen(
+        host.ns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    offices.agents.append(agent)
+    return agent
+
+
+def ringing_phone(offices: Offices, office: int, phone: int) -> subprocess.Popen[str]:
+    """A phone that rings for every call and never answers (registered when this returns)."""
+    agent = script_in_background(offices, office, phone, "ring")
+    wait_until(
+        partial(registered, offices.system, office, f"{office}00{phone}"),
+        15,
+        f"{office}00{phone} registered",
+    )
+    return agent
+
+
+def script_result(agent: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
+    """The JSON a PHONE_SCRIPT printed; fails with its output when it did not exit 0."""
+    code, out, err = finish(agent, timeout)
+    assert code == 0, f"phone script exited {code}:\n{out}\n{err}"
+    return stats_of(out)
