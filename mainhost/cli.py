@@ -265,12 +265,33 @@ def render_status(status: dict[str, Any]) -> Group:
                 f"{max(0, reg['expires_at'] - now):.0f} s",
                 "yes" if reg["reachable"] else "[red]no[/]",
             )
+    parts: list[Table] = [table]
     if phones.row_count:
-        return Group(table, phones)
-    return Group(table)
+        parts.append(phones)
+    calls = Table(title="live calls between offices", title_justify="left")
+    for column in ("call", "from", "to", "state", "media path", "packets relayed"):
+        calls.add_column(column)
+    for call in status.get("calls") or []:
+        media = call.get("media") or {}
+        relayed = sum(
+            (leg or {}).get("packets_in", 0) for leg in (media.get("offer"), media.get("answer"))
+        )
+        calls.add_row(
+            call["call_id"][:12],
+            call["from_office"],
+            call["to_office"] or "-",
+            "talking" if call["answered"] else "ringing",
+            "relayed (main host)",
+            str(relayed),
+        )
+    if calls.row_count:
+        parts.append(calls)
+    return Group(*parts)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        return watch_status(args.data)
     status = read_status(args.data)
     if args.json:
         out = dict(status)
@@ -279,6 +300,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     Console().print(render_status(status))
     return 0
+
+
+def watch_status(data: Path, interval: float = 1.0) -> int:
+    """`status --watch`: the same view, redrawn every second until Ctrl-C."""
+    from rich.live import Live
+
+    console = Console()
+    try:
+        with Live(render_status(read_status(data)), console=console, screen=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(render_status(read_status(data)))
+    except KeyboardInterrupt:
+        return 0
 
 
 async def _serve(data: Path, config: MainHostConfig) -> None:
@@ -371,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", parents=[common], help="offices, addresses, NAT types")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", action="store_true", help="redraw every second until Ctrl-C")
     p.set_defaults(func=cmd_status)
     return parser
 
