@@ -22,6 +22,8 @@ from rich.table import Table
 
 from remotehost.config import CA_NAME, CONFIG_NAME, SECRET_NAME, RemoteHostConfig, TrunkConfig
 from remotehost.config import load as load_config
+from remotehost.location import DB_NAME as LOCATION_DB
+from remotehost.location import read_bindings, registration_entry
 from remotehost.mirror import DB_NAME, DirectoryMirror
 from remotehost.service import RemoteHost
 from remotehost.uplink import SOFTWARE, client_ssl_context
@@ -188,6 +190,8 @@ def read_status(data: Path) -> dict[str, Any]:
             info = mirror.info()
         finally:
             mirror.close()
+        now = time.time()
+        bindings = read_bindings(data / LOCATION_DB, now)
         return {
             "running": False,
             "why": str(exc),
@@ -204,6 +208,11 @@ def read_status(data: Path) -> dict[str, Any]:
                 "realm": info.realm,
                 "range": None,
             },
+            # What the disk last knew: the bindings a restart will serve again.
+            "registrations": [
+                registration_entry(b, now)
+                for b in sorted(bindings, key=lambda b: (b.ext, b.contact))
+            ],
         }
 
 

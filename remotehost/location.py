@@ -127,6 +127,42 @@ SCHEMA = (
 )
 
 
+def registration_entry(binding: Binding, now: float) -> dict[str, object]:
+    """One binding as `remotehost status --json` lists it under "registrations"."""
+    return {
+        "ext": binding.ext,
+        "contact": binding.contact,
+        "source": binding.source,
+        "user_agent": binding.user_agent,
+        "expires_in": binding.remaining(now),
+        "reachable": binding.reachable,
+    }
+
+
+def read_bindings(path: Path, now: float) -> list[Binding]:
+    """The unexpired bindings on disk, read-only: what `status` shows while the host is down."""
+    if not path.exists():
+        return []
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    except sqlite3.Error:
+        return []
+    try:
+        rows = db.execute(
+            "SELECT ext, contact, expires_at, call_id, cseq, transport, source_ip,"
+            " source_port, user_agent, q, reachable FROM bindings WHERE expires_at > ?",
+            (now,),
+        ).fetchall()
+    except sqlite3.Error:  # no table yet (never served), or a damaged file
+        return []
+    finally:
+        db.close()
+    return [
+        Binding(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], bool(r[10]))
+        for r in rows
+    ]
+
+
 class SqliteLocationStore:
     """Bindings on disk. Synchronous: called through `trio.to_thread` by the SIP service.
 

@@ -24,7 +24,7 @@ from remotehost.calls import CallController
 from remotehost.config import CA_NAME, CONFIG_NAME, SECRET_NAME, RemoteHostConfig
 from remotehost.legs import Legs
 from remotehost.location import DB_NAME as LOCATION_DB
-from remotehost.location import Location, SqliteLocationStore
+from remotehost.location import Location, SqliteLocationStore, registration_entry
 from remotehost.mirror import DB_NAME, DirectoryMirror
 from remotehost.sipservice import SipService
 from remotehost.uplink import SOFTWARE, Uplink, client_ssl_context
@@ -141,14 +141,7 @@ class RemoteHost:
             if self.sip.address
             else None,
             "registrations": [
-                {
-                    "ext": b.ext,
-                    "contact": b.contact,
-                    "source": b.source,
-                    "user_agent": b.user_agent,
-                    "expires_in": b.remaining(time.time()),
-                    "reachable": b.reachable,
-                }
+                registration_entry(b, time.time())
                 for b in sorted(self.location.all(), key=lambda b: (b.ext, b.contact))
             ],
             "sip": self.sip.statistics(),
