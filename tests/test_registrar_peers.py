@@ -448,6 +448,10 @@ def test_registration_survives_remote_host_restart(office: Office, tmp_path: Pat
     # The main host saw the office go and forgot its registrations with it.
     wait_for(lambda: not office.office_entry()["online"], "the office offline")
     assert office.main_registrations("2003") == []
+    # While it is down, `remotehost status` shows what its disk knows: the binding.
+    down = office.remote_status_cli()
+    assert down["running"] is False
+    assert contact in [r["contact"] for r in down["registrations"] if r["ext"] == "2003"]
     office.start_remote()
     remote, main = wait_registered(office, "2003", contact)
     assert remote["user_agent"] == main["user_agent"] == "SIPp"
