@@ -170,8 +170,9 @@ def assert_audio(stats: dict[str, Any], recording: Path, expected_hz: float) -> 
 #   ring:   take one call, ring (180) and never answer; report how the call ended.
 #   cancel: call NUMBER, give up once it rings (CANCEL); report how the call ended.
 #   hold:   call NUMBER, talk, hold (re-INVITE sendonly), resume; packets received per phase.
+#   talk:   call NUMBER, talk SECONDS; samples of (time.monotonic(), packets received so far).
 PHONE_SCRIPT = r"""
-import json, sys
+import json, sys, time
 import trio
 from phoneagent.phone import CallFailedError, open_phone
 
@@ -223,6 +224,17 @@ async def main():
             resumed_at = await received(call)
             await grow(call, 100, 10)
             out["after_resume"] = await received(call) - resumed_at
+            await call.hangup()
+        elif role == "talk":
+            call = await phone.call(rest[0], tone=440)
+            with trio.fail_after(30):
+                await call.wait_answered()
+            samples = []
+            with trio.move_on_after(float(rest[1])):
+                while not call.ended:
+                    samples.append((time.monotonic(), await received(call)))
+                    await trio.sleep(0.1)
+            out["samples"] = samples
             await call.hangup()
         else:
             raise SystemExit(f"unknown role {role}")

@@ -15,10 +15,12 @@ lab gives office 1 a new public address in the middle of a call (F9).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from labsystem import wait_until  # deploy/lab, on sys.path via labfixtures
 
 from tests.calllab import (
     REMOTE_HOST,
@@ -141,3 +143,42 @@ def quick_cases(offices: Offices, tmp_path: Path, k: int) -> None:
     assert len(talked) == 2, out
     assert talked[0]["dtmf_received"] == "1234#", talked[0]
     assert talked[0]["dtmf_sent"] == "9*0", talked[0]
+
+
+def test_call_survives_a_new_public_address(lab_factory: LabFactory, tmp_path: Path) -> None:
+    lab = lab_factory(2, hosts=[REMOTE_HOST, "p1"])
+    offices = Offices(lab, tmp_path, 2, phones=1)
+    try:
+        callee = offices.answer(2, 1, "--tone", "660")
+        caller = script_in_background(offices, 1, 1, "talk", "2001", "14")
+        # Talk a while, then office 1's router gets a new public address (F9).
+        time.sleep(6)
+        old = offices.system.office_status(1)["public_address"]
+        new = lab.office(1).new_public_address()
+        changed_at = time.monotonic()
+        # The trunk logs in again from the new address.
+        wait_until(
+            lambda: offices.system.office_status(1)["public_address"] == new,
+            15,
+            "office 1 logged in from its new address",
+        )
+        assert new != old
+        talk = script_result(caller)
+        code, out, err = finish(callee)
+        assert code == 0, out + err
+    finally:
+        offices.stop()
+        print(offices.system.logs())
+    samples = talk["samples"]
+    before = max(n for t, n in samples if t <= changed_at)
+    last = samples[-1][1]
+    resumed = [t for t, n in samples if t > changed_at and n > before + 10]
+    gap = resumed[0] - changed_at if resumed else None
+    print(f"packets received: {before} before the change, {last} at the end; gap {gap} s")
+    # The caller keeps hearing the far office after its address changed ...
+    assert before >= 100, samples
+    assert last - before >= 200, (before, last, talk["stats"])
+    # ... and so does the callee; loss is about the gap, not the rest of the call.
+    callee_stats = stats_of(out)
+    assert talk["stats"]["packets_lost"] < 200, talk["stats"]
+    assert callee_stats["packets_lost"] < 200, callee_stats
