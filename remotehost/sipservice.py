@@ -22,6 +22,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -132,6 +133,7 @@ class SipService:
         self._dirty: dict[str, list[Binding]] = {}
         self._timer_changed = trio.Event()
         self.calls: Legs | None = None
+        self._texts: dict[TransactionKey, trio.MemorySendChannel[str | None]] = {}
         location.add_listener(self._on_location_change)
 
     def _make_registrar(self, realm: str) -> Registrar:
@@ -238,6 +240,10 @@ class SipService:
                 if response is not None:
                     more = self.layer.send_response(event.key, response, trio.current_time())
                     await self._process(more)
+            elif isinstance(event, ResponseReceived | TransactionTimeout | TransportFailure) and (
+                event.key in self._texts
+            ):
+                self._text_outcome(event)
             elif isinstance(event, ResponseReceived):
                 ping = self._pings.get(event.key)
                 if ping is not None and event.response.status >= 200:
@@ -438,6 +444,70 @@ class SipService:
         self.stats.pings_sent += 1
         await self._process(events)
         self._timer_changed.set()
+
+    async def send_text(
+        self, binding: Binding, text: str, *, sender: str, now: float, timeout: float = 40.0
+    ) -> str | None:
+        """Send `text` to one binding as a SIP MESSAGE (RFC 3428, text/plain, with a Date at
+        wall time `now`); None when the phone answered 2xx, else why not ("480 Temporarily
+        Unavailable", "timeout", "transport failure"). Over TCP it goes on the connection the
+        phone registered on (its NAT lets nothing else in)."""
+        transport, address = self.transport, self.address
+        if transport is None or address is None:
+            return "not serving"
+        peer = (binding.source_ip, binding.source_port)
+        tcp = binding.transport == "tcp"
+        local_ip = _local_ip_towards(binding.source_ip, address[0])
+        display = sender.replace("\\", "").replace('"', "").replace("\r", "").replace("\n", "")
+        headers = Headers()
+        headers.add(
+            "Via",
+            f"SIP/2.0/{'TCP' if tcp else 'UDP'} {local_ip}:{address[1]}"
+            f";branch={self.layer.new_branch()};rport",
+        )
+        headers.add("Max-Forwards", "70")
+        headers.add(
+            "From", f'"{display}" <sip:announcements@{local_ip}>;tag={secrets.token_hex(6)}'
+        )
+        headers.add("To", f"<sip:{binding.ext}@{self._realm()}>")
+        headers.add("Call-ID", secrets.token_hex(12))
+        headers.add("CSeq", "1 MESSAGE")
+        # RFC 3428 §9: a Date tells the phone when it was sent (it may be shown much later).
+        headers.add("Date", formatdate(now, usegmt=True))
+        headers.add("User-Agent", SERVER_NAME)
+        headers.add("Content-Type", "text/plain;charset=UTF-8")
+        request = SipRequest("MESSAGE", binding.contact, headers, text.encode("utf-8"))
+        connection = transport.connection_to(peer) if tcp else None
+        destination = Destination("tcp" if tcp else "udp", peer, connection)
+        try:
+            key, events = self.layer.send_request(
+                request, trio.current_time(), destination, reliable=tcp
+            )
+        except Exception as exc:  # overload, or a contact URI we cannot use
+            return f"not sent: {exc}"
+        send, receive = trio.open_memory_channel[str | None](1)
+        self._texts[key] = send
+        try:
+            await self._process(events)
+            self._timer_changed.set()
+            with trio.move_on_after(timeout):
+                return await receive.receive()
+            return "timeout"
+        finally:
+            self._texts.pop(key, None)
+
+    def _text_outcome(
+        self, event: ResponseReceived | TransactionTimeout | TransportFailure
+    ) -> None:
+        if isinstance(event, ResponseReceived):
+            if event.response.status < 200:
+                return
+            status = event.response.status
+            outcome = None if status < 300 else f"{status} {event.response.reason}"
+        else:
+            outcome = "timeout" if isinstance(event, TransactionTimeout) else "transport failure"
+        waiting = self._texts.pop(event.key)
+        waiting.send_nowait(outcome)
 
     def _pong(self, ping: Ping) -> None:
         ping.answered = True
