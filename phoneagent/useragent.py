@@ -242,6 +242,10 @@ class _Leg:
     reinvite_acked: tuple[TransactionKey, SipRequest] | None = None
     """Our last answered re-INVITE and its ACK, re-sent for a retransmitted 2xx."""
     bye_key: TransactionKey | None = None
+    bye_after_ack: bool = False
+    """We hung up while our 2xx waited for its ACK: the BYE goes once it comes (§15)."""
+    cancel_give_up: float | None = None
+    """When to stop waiting for the final response to an INVITE we cancelled."""
 
 
 @dataclass(slots=True)
@@ -304,7 +308,8 @@ class UserAgent:
 
     @property
     def domain(self) -> str:
-        return self.config.domain or self.config.local_ip
+        host = self.config.domain or self.config.local_ip
+        return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
     @property
     def aor(self) -> str:
@@ -363,12 +368,13 @@ class UserAgent:
                 out += self._on_response(event.key, event.response, now)
             elif isinstance(event, AckReceived):
                 out += self._on_ack(event.request, now)
-            elif isinstance(event, (TransactionTimeout, TransportFailure)):
-                if event.response is not None:
-                    # §8.1.3.1: a timeout or transport failure is handled like a 408 / 503.
-                    out += self._on_response(event.key, event.response, now)
-                else:
-                    out += self._on_ack_timeout(event.key, now)
+            elif (
+                isinstance(event, (TransactionTimeout, TransportFailure))
+                and event.response is not None
+            ):
+                # §8.1.3.1: a timeout or transport failure is handled like a 408 / 503. (Without
+                # a response it is Timer H: our 3xx-6xx was never acknowledged; nothing to do.)
+                out += self._on_response(event.key, event.response, now)
         return out
 
     def _send(
@@ -464,8 +470,8 @@ class UserAgent:
         reg.key = None
         status = response.status
         if status in (401, 407) and self._may_retry_auth(response, reg.auth_tries):
-            transaction_request = self._last_register(response)
-            auth = self._authorize(response, transaction_request)
+            # The digest covers the method and Request-URI only (RFC 2617 §3.2.2.2).
+            auth = self._authorize(response, SipRequest("REGISTER", f"sip:{self.domain}"))
             if auth is not None:
                 reg.auth_tries += 1
                 return self._send_register(now, auth)
@@ -485,10 +491,6 @@ class UserAgent:
             # Try again later; the application decides whether a failure is fatal.
             reg.refresh_at = now + 30.0
         return [RegistrationFailed(status, response.reason)]
-
-    def _last_register(self, response: SipResponse) -> SipRequest:
-        # The digest covers method and Request-URI only: rebuild them (the body is empty).
-        return SipRequest("REGISTER", f"sip:{self.domain}", Headers())
 
     def _granted(self, response: SipResponse) -> int:
         """§10.2.4: our Contact's expires in the 200, else its Expires header, else ours."""
@@ -598,6 +600,7 @@ class UserAgent:
             if key is not None:
                 self._by_key.pop(key, None)
         leg.ok_next = None
+        leg.cancel_give_up = None
 
     # -- incoming calls --
 
@@ -694,6 +697,10 @@ class UserAgent:
             return []
         leg.ok = None
         leg.ok_next = None
+        if leg.bye_after_ack:
+            leg.bye_after_ack = False
+            leg.state = CallState.ESTABLISHED
+            return self._bye(leg, now)
         if leg.reinvite_key is not None:
             leg.reinvite_key = None
             return []
@@ -701,9 +708,6 @@ class UserAgent:
             leg.state = CallState.ESTABLISHED
             return [CallAnswered(leg.call_id, request.body)]
         return []
-
-    def _on_ack_timeout(self, key: TransactionKey, now: float) -> list[Output]:
-        return []  # Timer H: our own 2xx timer (_handle_ok) decides; nothing else to do
 
     # -- hanging up --
 
@@ -725,6 +729,7 @@ class UserAgent:
 
     def _cancel(self, leg: _Leg, now: float) -> list[Output]:
         leg.state = CallState.ENDING
+        leg.cancel_give_up = now + 64 * self.config.timers.t1
         cancel = make_cancel(leg.invite)
         try:
             _, out = self._send(cancel, leg.peer, now)
@@ -743,6 +748,13 @@ class UserAgent:
         return self._respond(key, make_response(request, 487, to_tag=leg.local_tag), now)
 
     def _bye(self, leg: _Leg, now: float) -> list[Output]:
+        if leg.state is CallState.ANSWERED and leg.ok is not None:
+            # §15: the callee may not send BYE before the ACK for its 2xx (or its timeout);
+            # the 2xx keeps going out until then, so the caller learns of the call and of
+            # its end.
+            leg.bye_after_ack = True
+            leg.state = CallState.ENDING
+            return []
         out = self._end_pending_reinvite(leg, now)
         dialog = leg.dialog
         if dialog is None or dialog.terminated:
@@ -845,7 +857,13 @@ class UserAgent:
     def _on_reinvite(self, event: RequestReceived, now: float) -> list[Output]:
         request = event.request
         leg = self._legs.get(request.call_id)
-        if leg is None or leg.dialog is None or leg.dialog.id.local_tag != request.to_tag:
+        if (
+            leg is None
+            or leg.dialog is None
+            or leg.dialog.id.local_tag != request.to_tag
+            or leg.state in (CallState.ENDING, CallState.ENDED)
+        ):
+            # Also while our BYE is on its way: the call is going, no new offer for it.
             return self._respond(event.key, make_response(request, 481), now)
         if leg.reinvite_key is not None or leg.ok is not None:
             # RFC 3261 §14.2: an offer while ours is pending earns 491.
@@ -950,12 +968,14 @@ class UserAgent:
             # §13.2.2.4: a retransmitted 2xx to our re-INVITE: the same ACK again.
             return [Transmit(acked[1], leg.peer)]
         if key.method == "BYE" and key == leg.bye_key and response.status >= 200:
+            out = self._end_pending_reinvite(leg, now)
             leg.state = CallState.ENDED
             if leg.dialog is not None:
                 leg.dialog.terminate()
             self._forget(leg)
             status = None if response.status < 300 else response.status
-            return [CallEnded(leg.call_id, False, status)]
+            out.append(CallEnded(leg.call_id, False, status))
+            return out
         return []
 
     # -- timers --
@@ -965,6 +985,7 @@ class UserAgent:
         registration refresh."""
         candidates = [self.layer.get_timer(), self._registration.refresh_at]
         candidates += [leg.ok_next for leg in self._legs.values()]
+        candidates += [leg.cancel_give_up for leg in self._legs.values()]
         if self._ended_at:
             candidates.append(min(self._ended_at.values()) + 64 * self.config.timers.t1)
         present = [c for c in candidates if c is not None]
@@ -981,8 +1002,22 @@ class UserAgent:
         for leg in list(self._legs.values()):
             if leg.ok_next is not None and now >= leg.ok_next:
                 out += self._retransmit_ok(leg, now)
+            if leg.cancel_give_up is not None and now >= leg.cancel_give_up:
+                out += self._abandon_invite(leg, now)
         self._sweep(now)
         return out
+
+    def _abandon_invite(self, leg: _Leg, now: float) -> list[Output]:
+        """§9.1: no final response 64*T1 after our CANCEL: consider the INVITE cancelled.
+
+        The call ends here. Its INVITE client transaction stays in the layer (in Proceeding
+        it has no timer, and `TransactionLayer` offers no way to drop one): a known leak of
+        one transaction per such call, until shared/sip grows an `abandon`.
+        """
+        leg.cancel_give_up = None
+        if leg.state is CallState.ENDED:
+            return []
+        return self._end_failed(leg, 408, "No Answer To CANCEL")
 
     def _retransmit_ok(self, leg: _Leg, now: float) -> list[Output]:
         assert leg.ok is not None
@@ -993,6 +1028,7 @@ class UserAgent:
             if leg.reinvite_key is not None:
                 leg.reinvite_key = None
             leg.state = CallState.ESTABLISHED
+            leg.bye_after_ack = False
             out = self._bye(leg, now)
             out.append(CallEnded(leg.call_id, False, 408))
             return out
