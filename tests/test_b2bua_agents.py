@@ -91,3 +91,31 @@ async def test_agents_in_two_offices_call_through_the_anchors(tmp_path: Path) ->
             await lyon.settled()
             await paris.settled()
     assert stats.answered and stats.codec == "PCMU"
+
+
+async def test_agents_hold_resume_and_dtmf_inside_the_office(tmp_path: Path) -> None:
+    async with open_office(tmp_path) as office:
+        with trio.fail_after(GUARD):
+            async with (
+                open_phone(ext="201", password="secret-201", server=_server(office)) as a,
+                open_phone(ext="202", password="secret-202", server=_server(office)) as b,
+                trio.open_nursery() as nursery,
+            ):
+                answered: list[Call] = []
+                nursery.start_soon(_answer_next, b, answered, 700)
+                call = await a.call("202", tone=300)
+                await call.wait_answered()
+                # RFC 4733 events are RTP: they go phone to phone like the voice.
+                await call.send_dtmf("42#")
+                await call.hold()  # a re-INVITE with a=sendonly, through the remote host
+                held = answered[0]
+                assert call.plan is not None and call.plan.direction == "sendonly"
+                assert held.plan is not None and held.plan.direction == "recvonly"
+                await call.resume()
+                assert held.plan is not None and held.plan.direction == "sendrecv"
+                await trio.sleep(0.3)
+                await held.hangup()  # the called phone hangs up this time
+                stats = await call.wait_ended()
+            await office.settled()
+    assert stats.ended_by == "remote"
+    assert held.stats().dtmf_received == "42#"
