@@ -7,13 +7,16 @@ routes and authentication only; what a route returns comes from the running `Mai
 from __future__ import annotations
 
 import hmac
+import time
 from typing import TYPE_CHECKING, Any
 
 import trio
 from fastapi import Depends, FastAPI, HTTPException, Request
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+from pydantic import BaseModel, ConfigDict
 
+from mainhost import announce
 from mainhost.config import ADMIN_KEY
 
 if TYPE_CHECKING:
@@ -48,7 +51,45 @@ def build_app(host: MainHost) -> FastAPI:
     async def office_log(name: str) -> list[dict[str, Any]]:
         return await trio.to_thread.run_sync(host.store.office_log, name)
 
+    @app.get("/api/announcements", dependencies=[Depends(require_admin)])
+    async def announcements() -> list[dict[str, Any]]:
+        return await trio.to_thread.run_sync(lambda: announce.summaries(host.store, time.time()))
+
+    @app.post("/api/announcements", dependencies=[Depends(require_admin)], status_code=201)
+    async def add_announcement(request: AnnouncementRequest) -> dict[str, Any]:
+        try:
+            sent = await trio.to_thread.run_sync(
+                lambda: announce.announce(
+                    host.store,
+                    request.text,
+                    now=time.time(),
+                    office=request.office,
+                    extensions=request.extensions(),
+                    expires=request.expires,
+                )
+            )
+        except announce.AnnounceError as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+        host.trunk.announcer.poke()
+        rows = await trio.to_thread.run_sync(lambda: announce.summaries(host.store, time.time()))
+        return next(row for row in rows if row["id"] == sent.id)
+
     return app
+
+
+class AnnouncementRequest(BaseModel):
+    """The body of `POST /api/announcements`, as `mainhost announce` takes it."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str
+    office: str | None = None
+    ext: list[str] | str | None = None
+    expires: float = announce.DEFAULT_EXPIRES
+
+    def extensions(self) -> list[str]:
+        if self.ext is None:
+            return []
+        return [self.ext] if isinstance(self.ext, str) else self.ext
 
 
 async def serve_api(

@@ -21,7 +21,7 @@ import trio
 from rich.console import Console, Group
 from rich.table import Table
 
-from mainhost import pki
+from mainhost import announce, pki
 from mainhost.config import (
     ADMIN_KEY,
     CONFIG_NAME,
@@ -205,6 +205,54 @@ def cmd_phone_list(args: argparse.Namespace) -> int:
     table = Table("extension", "office", "name")
     for phone in phones:
         table.add_row(phone["ext"], phone["office"], phone["name"])
+    Console().print(table)
+    return 0
+
+
+def cmd_announce(args: argparse.Namespace) -> int:
+    store = _store(args.data)
+    try:
+        sent = announce.announce(
+            store,
+            args.text,
+            now=time.time(),
+            office=args.office,
+            extensions=args.ext or (),
+            expires=args.expires,
+        )
+    finally:
+        store.close()
+    where = ", ".join(
+        f"{office} ({' '.join(exts) if exts else 'every phone'})"
+        for office, exts in sorted(sent.targets.items())
+    )
+    print(f"announcement {sent.id} stored, for {where}; expires {when(sent.expires_at)}")
+    print("the main host sends it to each office when it is online; see `mainhost announcements`")
+    return 0
+
+
+def cmd_announcements(args: argparse.Namespace) -> int:
+    store = _store(args.data)
+    try:
+        rows = announce.summaries(store, time.time())
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table("id", "text", "created", "expires", "office", "delivered", "failed", "pending")
+    for row in rows:
+        for office in row["offices"]:
+            table.add_row(
+                row["id"],
+                row["text"] if len(row["text"]) <= 40 else row["text"][:39] + "…",
+                when(row["created"]),
+                ("expired " if row["expired"] else "") + when(row["expires"]),
+                office["office"],
+                f"{office['delivered']} {' '.join(office['delivered_extensions'])}".strip(),
+                f"{office['failed']} {' '.join(office['failed_extensions'])}".strip(),
+                f"{office['pending']} {' '.join(office['pending_extensions'])}".strip(),
+            )
     Console().print(table)
     return 0
 
@@ -399,6 +447,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--office")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_phone_list)
+
+    p = sub.add_parser("announce", parents=[common], help="send a text to the offices' phones")
+    p.add_argument("text")
+    p.add_argument("--office", metavar="NAME", help="only this office's phones")
+    p.add_argument(
+        "--ext", action="append", metavar="EXT", help="only this phone (may be repeated)"
+    )
+    p.add_argument(
+        "--expires",
+        type=float,
+        default=announce.DEFAULT_EXPIRES,
+        metavar="SECONDS",
+        help="stop delivering (also to phones registering later) after this long (default 1 day)",
+    )
+    p.set_defaults(func=cmd_announce)
+    p = sub.add_parser("announcements", parents=[common], help="announcements and who got them")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_announcements)
 
     p = sub.add_parser("serve", parents=[common], help="run the main host")
     p.add_argument("-v", "--verbose", action="store_true")

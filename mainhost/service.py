@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from mainhost import pki
+from mainhost.announce import summaries
 from mainhost.config import MainHostConfig
 from mainhost.store import DB_NAME, MainStore, Office
 from mainhost.trunk import SOFTWARE, OfficeLive, TrunkServer, server_ssl_context
@@ -99,6 +100,7 @@ class MainHost:
                 for b in self.trunk.calls.live_calls()
             ],
             "offices": offices,
+            "announcements": summaries(self.store, now),
         }
 
     async def serve(
@@ -240,6 +242,12 @@ def data_status_offline(data: Path) -> dict[str, Any]:
     store = MainStore(data / DB_NAME)
     try:
         offices = [office_entry(o, None, time.time()) for o in store.offices()]
+        announcements = summaries(store, time.time())
     finally:
         store.close()
-    return {"running": False, "software": SOFTWARE, "offices": offices}
+    return {
+        "running": False,
+        "software": SOFTWARE,
+        "offices": offices,
+        "announcements": announcements,
+    }

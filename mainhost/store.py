@@ -70,6 +70,24 @@ CREATE TABLE IF NOT EXISTS office_log (
     kind TEXT NOT NULL,
     detail TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS announcements (
+    id TEXT PRIMARY KEY,
+    text TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    office TEXT,
+    extensions TEXT NOT NULL,
+    sender TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS announcement_reports (
+    id TEXT NOT NULL REFERENCES announcements(id),
+    office TEXT NOT NULL,
+    delivered TEXT NOT NULL,
+    failed TEXT NOT NULL,
+    pending TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (id, office)
+);
 """
 
 
@@ -418,3 +436,40 @@ class MainStore:
         entries = [DirectoryEntry(r["ext"], r["ha1_md5"], r["ha1_sha256"], r["name"]) for r in rows]
         deletes = sorted(ext for ext, op in last_op.items() if op == "delete")
         return DirectoryDelta(base_version, version, entries, deletes)
+
+    # --- announcements (F8; policy and validation in announce.py) ---
+
+    def add_announcement(self, row: dict[str, Any]) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO announcements(id, text, created, expires_at, office, extensions,"
+                " sender) VALUES (:id, :text, :created, :expires_at, :office, :extensions,"
+                " :sender)",
+                row,
+            )
+
+    def announcement_rows(self, active_at: float | None = None) -> list[dict[str, Any]]:
+        """Every announcement (or those not expired at `active_at`), oldest first."""
+        if active_at is None:
+            rows = self._read("SELECT * FROM announcements ORDER BY created, id")
+        else:
+            rows = self._read(
+                "SELECT * FROM announcements WHERE expires_at > ? ORDER BY created, id",
+                (active_at,),
+            )
+        return [dict(r) for r in rows]
+
+    def announcement_reports(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._read("SELECT * FROM announcement_reports")]
+
+    def record_announcement_report(self, row: dict[str, Any]) -> bool:
+        """Store an office's latest (cumulative) report; False if the announcement is unknown."""
+        with self._write() as db:
+            if not db.execute("SELECT 1 FROM announcements WHERE id=?", (row["id"],)).fetchone():
+                return False
+            db.execute(
+                "INSERT OR REPLACE INTO announcement_reports(id, office, delivered, failed,"
+                " pending, at) VALUES (:id, :office, :delivered, :failed, :pending, :at)",
+                row,
+            )
+        return True

@@ -22,12 +22,14 @@ from typing import Any
 
 import trio
 
+from mainhost.announce import Announcer
 from mainhost.calls import CallRouter, OfficeRange
 from mainhost.store import MainStore
 from shared.aio.trunk import ConnectionLost, TrunkConnection
 from shared.ratelimit import FailureThrottle
 from shared.wire.frame import ErrorCode
 from shared.wire.messages import (
+    AnnouncementReport,
     DirectoryAck,
     DirectorySnapshot,
     Message,
@@ -113,6 +115,12 @@ class TrunkServer:
             relay=None,
             relay_port=0,
         )
+        self.announcer = Announcer(
+            store,
+            send=self.send_to_office,
+            sessions=lambda: {name: live.session_id for name, live in self.online.items()},
+            wall_clock=wall_clock,
+        )
 
     def refresh_directory_cache(self) -> None:
         """Synchronous (sqlite): call through trio.to_thread."""
@@ -146,6 +154,7 @@ class TrunkServer:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.watch_directory)
             nursery.start_soon(self.calls.watch)
+            nursery.start_soon(self.announcer.watch)
             task_status.started()
             await trio.serve_listeners(self.handle_connection, listeners)
 
@@ -358,6 +367,8 @@ class TrunkServer:
                     live.dir_sent,
                 )
                 await self._send_snapshot(live)
+        elif isinstance(msg, AnnouncementReport):
+            await self.announcer.on_report(live.name, msg)
         else:
             log.debug("office %s sent %s, not handled here", live.name, type(msg).__name__)
 
