@@ -20,6 +20,8 @@ import trio
 
 from remotehost import natprobe
 from remotehost.anchor import MediaAnchor
+from remotehost.announce import DB_NAME as ANNOUNCE_DB
+from remotehost.announce import AnnouncementStore, Announcer
 from remotehost.calls import CallController
 from remotehost.config import CA_NAME, CONFIG_NAME, SECRET_NAME, RemoteHostConfig
 from remotehost.legs import Legs
@@ -105,6 +107,18 @@ class RemoteHost:
         self.legs.controller = self.calls
         self.sip.attach_calls(self.legs)
         self.uplink.call_handler = self.calls
+        # Announcements (F8): to the phones through the SIP service, reports through the uplink.
+        self.announcer = Announcer(
+            AnnouncementStore(data / ANNOUNCE_DB),
+            self.location,
+            deliver=lambda binding, a, now: self.sip.send_text(
+                binding, a.text, sender=a.sender or "main host", now=now
+            ),
+            directory=lambda: [entry.ext for entry in self.mirror.entries()],
+            wall_clock=time.time,
+        )
+        self.announcer.report_to = self.uplink.send_report
+        self.uplink.announcements = self.announcer
 
     def _find_domains(self) -> set[str]:
         """What a phone may put in its REGISTER's Request-URI: our addresses, the realm."""
@@ -170,6 +184,7 @@ class RemoteHost:
                 await nursery.start(self.legs.serve)
                 await nursery.start(self.calls.serve)
                 await nursery.start(serve_control, self.data, {"status": self._status})
+                nursery.start_soon(self.announcer.run)
                 nursery.start_soon(self.uplink.run)
                 nursery.start_soon(self.uplink.watch_public_address)
                 task_status.started()
@@ -178,6 +193,7 @@ class RemoteHost:
                 await self.sip.flush()
             self.mirror.close()
             self.location_store.close()
+            self.announcer.store.close()
 
     async def _status(self, request: dict[str, Any]) -> Any:
         return await trio.to_thread.run_sync(self.status)

@@ -28,6 +28,8 @@ from remotehost.mirror import DirectoryMirror
 from shared.aio.trunk import ConnectionLost, TrunkConnection
 from shared.wire.frame import ErrorCode
 from shared.wire.messages import (
+    Announcement,
+    AnnouncementReport,
     DirectoryAck,
     DirectoryDelta,
     DirectorySnapshot,
@@ -65,6 +67,16 @@ class CallHandler(Protocol):
 
     async def on_trunk_down(self) -> None:
         """The trunk is gone: calls waiting on the main host should fail now."""
+
+
+class AnnouncementHandler(Protocol):
+    """The office's announcements (remotehost/announce.py), as the uplink sees them."""
+
+    async def on_announcement(self, announcement: Announcement) -> None:
+        """An announcement from the main host (sent again after every login)."""
+
+    def directory_changed(self) -> None:
+        """The directory mirror changed (who is pending may have)."""
 
 
 @dataclass
@@ -130,6 +142,7 @@ class Uplink:
         self.location: Location | None = None
         self._dirty_extensions: set[str] = set()
         self.call_handler: CallHandler | None = None
+        self.announcements: AnnouncementHandler | None = None
         self._next_channel = -1  # ours are odd: 1, 3, 5, ... (the main host's even)
         self._grants: dict[int, trio.MemorySendChannel[GrantReply]] = {}
 
@@ -179,6 +192,17 @@ class Uplink:
             return None
         finally:
             del self._grants[channel]
+
+    async def send_report(self, report: AnnouncementReport) -> bool:
+        """Tell the main host where an announcement got to; False if the trunk is down."""
+        conn = self.conn
+        if conn is None:
+            return False
+        try:
+            await conn.send(report)
+        except ConnectionLost:
+            return False
+        return True
 
     def attach_location(self, location: Location) -> None:
         """Report this office's registrations to the main host (all at login, then changes)."""
@@ -411,6 +435,8 @@ class Uplink:
             await trio.to_thread.run_sync(self.mirror.apply_snapshot, msg)
             log.info("directory: %d extension(s), version %d", len(msg.entries), msg.version)
             await conn.send(DirectoryAck(msg.version))
+            if self.announcements is not None:
+                self.announcements.directory_changed()
         elif isinstance(msg, DirectoryDelta):
             applied = await trio.to_thread.run_sync(self.mirror.apply_delta, msg)
             info = await trio.to_thread.run_sync(self.mirror.info)
@@ -426,6 +452,10 @@ class Uplink:
                     info.version,
                 )
             await conn.send(DirectoryAck(info.version))
+            if self.announcements is not None:
+                self.announcements.directory_changed()
+        elif isinstance(msg, Announcement) and self.announcements is not None:
+            await self.announcements.on_announcement(msg)
         else:
             log.debug("unhandled message %s", type(msg).__name__)
 
