@@ -19,6 +19,7 @@ them): a skip would hide a broken CI.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import selectors
@@ -46,6 +47,7 @@ from tests.peerhelpers import (
     open_office,
     peer_binary,
     run_sipp,
+    sipp_auth,
     stop_process,
     wait_for,
 )
@@ -174,6 +176,48 @@ def test_sipp_with_a_wrong_password_is_refused(office: Office, tmp_path: Path, t
     assert _with_contact(office.registrations("2001"), contact) is None
     remote_cli, main_cli = cli_registrations(office, "2001")
     assert contact not in [r["contact"] for r in remote_cli + main_cli]
+
+
+def test_one_sipp_registers_several_phones_then_unregisters_them(office: Office, tmp_path: Path):
+    """Per-row credentials (tests/sipp/register_fields.xml), then Expires: 0 from the same
+    contact: gone from both hosts."""
+    need("sipp")
+    phones = ["2009", "2010"]
+    port = free_sip_port()
+
+    def rows(expires: int) -> list[list[str]]:
+        return [[ext, sipp_auth(ext, PHONES[ext]), str(expires)] for ext in phones]
+
+    run = run_sipp(
+        "register_fields.xml",
+        tmp_path / "on",
+        target=(LOOPBACK, office.sip_port),
+        fields=rows(120),
+        local_port=port,
+        calls=len(phones),
+    )
+    assert run.ok, run.output[-2000:]
+    assert run.statuses() == [401, 200, 401, 200]
+    for ext in phones:
+        remote, _ = wait_registered(office, ext, contact_of(ext, port))
+        assert 60 < remote["expires_in"] <= 120
+    run = run_sipp(
+        "register_fields.xml",
+        tmp_path / "off",
+        target=(LOOPBACK, office.sip_port),
+        fields=rows(0),
+        local_port=port,
+        calls=len(phones),
+    )
+    assert run.ok, run.output[-2000:]
+
+    def gone(ext: str) -> bool:
+        return office.registrations(ext) == [] and office.main_registrations(ext) == []
+
+    for ext in phones:
+        wait_for(functools.partial(gone, ext), f"both hosts to forget {ext}")
+    remote_cli, main_cli = cli_registrations(office, "2009")
+    assert remote_cli == [] and main_cli == []
 
 
 # --- 2. baresip registers, refreshes and unregisters ----------------------------------------
