@@ -11,6 +11,7 @@ get in the way of a script.
 from __future__ import annotations
 
 import itertools
+import random
 import secrets
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -601,3 +602,51 @@ async def wait_until(predicate: Callable[[], bool]) -> None:
     with trio.fail_after(GUARD):
         while not predicate():  # noqa: ASYNC110
             await trio.sleep(0.01)
+
+
+class LossyLink:
+    """A terrible network between one phone and the office: a UDP shim that drops, duplicates
+    and reorders (delays) datagrams both ways, with a seeded random source. The phone talks to
+    `address`; the office sees the shim as the phone (as it would see a NAT)."""
+
+    def __init__(
+        self,
+        office: tuple[str, int],
+        *,
+        seed: int,
+        drop: float = 0.15,
+        duplicate: float = 0.1,
+        max_delay: float = 0.03,
+    ) -> None:
+        self.office = office
+        self.rng = random.Random(seed)
+        self.drop, self.duplicate, self.max_delay = drop, duplicate, max_delay
+        self.sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.phone: tuple[str, int] | None = None
+        self.dropped = 0
+        self.address: tuple[str, int] = ("127.0.0.1", 0)
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with self.sock:
+            await self.sock.bind(("127.0.0.1", 0))
+            self.address = self.sock.getsockname()
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    data, source = await self.sock.recvfrom(65535)
+                    if source == self.office:
+                        target = self.phone
+                    else:
+                        self.phone, target = source, self.office
+                    if target is None:
+                        continue
+                    if self.rng.random() < self.drop:
+                        self.dropped += 1
+                        continue
+                    copies = 2 if self.rng.random() < self.duplicate else 1
+                    for _ in range(copies):
+                        nursery.start_soon(self._later, data, target, self.rng.random())
+
+    async def _later(self, data: bytes, target: tuple[str, int], fraction: float) -> None:
+        await trio.sleep(fraction * self.max_delay)  # later ones may overtake: reordering
+        await self.sock.sendto(data, target)

@@ -10,7 +10,7 @@ import trio
 
 from phoneagent.phone import Call, CallFailedError, Phone, open_phone
 from phoneagent.tone import dominant_frequency
-from tests.callhelpers import Office, open_office, open_two_offices
+from tests.callhelpers import LossyLink, Office, open_office, open_two_offices
 
 GUARD = 30.0
 
@@ -119,3 +119,30 @@ async def test_agents_hold_resume_and_dtmf_inside_the_office(tmp_path: Path) -> 
             await office.settled()
     assert stats.ended_by == "remote"
     assert held.stats().dtmf_received == "42#"
+
+
+async def test_a_call_inside_the_office_over_a_terrible_network(tmp_path: Path) -> None:
+    """Both phones' SIP crosses a link that drops, duplicates and reorders: retransmissions
+    (ours of the 200, theirs of requests) carry the call through, and it ends clean."""
+    async with open_office(tmp_path) as office, trio.open_nursery() as links:
+        link_a = LossyLink(office.address, seed=4733)
+        link_b = LossyLink(office.address, seed=3261)
+        await links.start(link_a.serve)
+        await links.start(link_b.serve)
+        with trio.fail_after(120):
+            async with (
+                open_phone(ext="201", password="secret-201", server=link_a.address) as a,
+                open_phone(ext="202", password="secret-202", server=link_b.address) as b,
+                trio.open_nursery() as nursery,
+            ):
+                for _ in range(3):
+                    answered: list[Call] = []
+                    nursery.start_soon(_answer_next, b, answered)
+                    call = await a.call("202", tone=440)
+                    await call.wait_answered()
+                    await trio.sleep(0.2)
+                    await call.hangup()
+                    await answered[0].wait_ended()
+            await office.settled()
+        assert link_a.dropped + link_b.dropped > 0
+        links.cancel_scope.cancel()
