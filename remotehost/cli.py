@@ -226,7 +226,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     table.add_column("what")
     table.add_column("value")
     if not status["running"]:
-        table.add_row("remote host", f"[red]not running[/] ({status.get('why')})")
+        table.add_row("remote host", f"[red]{status.get('why') or 'not running'}[/]")
     trunk = status.get("trunk") or {}
     state = trunk.get("state", "-")
     colour = "green" if state == "online" else "red"
