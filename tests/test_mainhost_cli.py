@@ -29,6 +29,7 @@ from tests.hosthelpers import (
     LOOPBACK,
     Ports,
     assert_one_line_error,
+    free_port,
     free_ports,
     init_args,
     mainhost,
@@ -69,10 +70,10 @@ def disable_stun(data: Path) -> None:
 
 
 @contextlib.contextmanager
-def serving(data: Path, *extra: str) -> Iterator[subprocess.Popen[str]]:
-    """`mainhost serve` in the background until the control socket answers; stopped by pid."""
+def serving(data: Path, program: str = "mainhost") -> Iterator[subprocess.Popen[str]]:
+    """`PROGRAM serve` in the background until the control socket answers; stopped by pid."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mainhost", "serve", "--data", str(data), *extra],
+        [sys.executable, "-m", program, "serve", "--data", str(data)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -82,13 +83,13 @@ def serving(data: Path, *extra: str) -> Iterator[subprocess.Popen[str]]:
         while True:
             if proc.poll() is not None:
                 _out, err = proc.communicate()
-                pytest.fail(f"mainhost serve exited with {proc.returncode}: {err}")
+                pytest.fail(f"{program} serve exited with {proc.returncode}: {err}")
             try:
                 control.call(data, "status", timeout=2.0)
                 break
             except control.ControlError:
                 if time.monotonic() > deadline:
-                    pytest.fail("mainhost serve did not start")
+                    pytest.fail(f"{program} serve did not start")
                 time.sleep(0.05)
         yield proc
     finally:
@@ -368,7 +369,10 @@ def test_status_json_with_the_server_up_and_a_remote_host_joining(tmp_path, data
         assert [(o["name"], o["online"]) for o in status["offices"]] == [("lyon", False)]
 
         remote = tmp_path / "remote"
-        joined = remotehost("join", token, "--data", remote, "--timeout", "20")
+        sip_port = str(free_port(socket.SOCK_DGRAM))
+        joined = remotehost(
+            "join", token, "--data", remote, "--timeout", "20", "--sip-port", sip_port
+        )
         assert joined.returncode == 0, joined.stderr
         assert (remote / "remotehost.toml").is_file() and (remote / "ca.pem").is_file()
         again = remotehost("join", token, "--data", remote)
@@ -381,6 +385,31 @@ def test_status_json_with_the_server_up_and_a_remote_host_joining(tmp_path, data
 
         table = mainhost("status", "--data", data)
         assert table.returncode == 0 and "running" in table.stdout and "lyon" in table.stdout
+
+        # The remote host serving: both sides' status say so.
+        assert mainhost("phone", "add", "2001", "--data", data).returncode == 0
+        config = remote / "remotehost.toml"
+        config.write_text(config.read_text().replace('listen = "0.0.0.0"', 'listen = "127.0.0.1"'))
+        with serving(remote, "remotehost"):
+            deadline = time.monotonic() + READY_GUARD
+            while True:
+                remote_status = json.loads(remotehost("status", "--json", "--data", remote).stdout)
+                status = json.loads(mainhost("status", "--json", "--data", data).stdout)
+                if (
+                    remote_status["online"]
+                    and status["offices"][0]["online"]
+                    and remote_status["directory"]["extensions"] == 1
+                ):
+                    break
+                assert time.monotonic() < deadline, (remote_status, status)
+                time.sleep(0.1)
+            assert remote_status["running"] is True
+            assert remote_status["office"] == "lyon"
+            assert remote_status["public_address"] == LOOPBACK
+            assert status["offices"][0]["public_address"] == LOOPBACK
+        offline = json.loads(remotehost("status", "--json", "--data", remote).stdout)
+        assert offline["running"] is False
+        assert offline["directory"]["extensions"] == 1  # from disk
 
 
 # --- remotehost join with a bad token ---
