@@ -223,6 +223,9 @@ class CallPolicy:
     """Seconds a call may ring before the caller is told 480 No answer."""
     grant_timeout: float = 1.0
     """Seconds to wait for the main host's grant before deciding alone (F6)."""
+    trunk_grace: float = 10.0
+    """Seconds an answered call between offices waits for the trunk to come back; the main
+    host keeps its bridge as long (`mainhost.calls.CallRouter.grace`), then both give up."""
 
 
 @dataclass(eq=False)
@@ -288,6 +291,7 @@ class CallController:
         self.calls: dict[str, Call] = {}
         self._trunk_legs: dict[int, Callable[[Message], Awaitable[None]]] = {}
         self._nursery: trio.Nursery | None = None
+        self._trunk_epoch = 0  # counts trunk losses, so a late grace timer knows it is stale
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -490,7 +494,12 @@ class CallController:
         elif isinstance(event, Connect):
             await self._connected(call, leg, event)
         elif isinstance(event, Fail):
-            await self._b_failed(call, leg, event)
+            if leg is call.winner:
+                # An answered call ended by a failure (the main host gave up on the other
+                # office after its grace period): the caller is hung up on, not refused.
+                await self._hang_up(call, leg, Disconnect(event.reason))
+            else:
+                await self._b_failed(call, leg, event)
         elif isinstance(event, Disconnect):
             if leg is call.winner:
                 await self._hang_up(call, leg, event)
@@ -715,6 +724,7 @@ class CallController:
 
     async def on_trunk_up(self, media_key: bytes) -> None:
         # F9: a new login has a new media key; the anchor's WAN legs take it at once.
+        self._trunk_epoch += 1
         for call in list(self.calls.values()):
             if call.media is None:
                 continue
@@ -729,6 +739,19 @@ class CallController:
         for call in list(self.calls.values()):
             if call.kind != "local" and call.state in ("trying", "ringing"):
                 await self._fail(call, Fail(503, "Service Unavailable (main host unreachable)"))
+        self._trunk_epoch += 1
+        epoch = self._trunk_epoch
+        self._spawn(lambda: self._after_grace(epoch))
+
+    async def _after_grace(self, epoch: int) -> None:
+        await trio.sleep(self.policy.trunk_grace)
+        if epoch != self._trunk_epoch or self.trunk.online:
+            return  # the trunk came back in time (or went down again: a newer timer runs)
+        for call in list(self.calls.values()):
+            if call.kind != "local" and call.state == "connected":
+                log.info("call %s: the trunk stayed down, hanging up", call.call_id)
+                await self._hang_up(call, call.b[0] if call.kind == "outbound" else call.a,
+                                    Disconnect("main host unreachable"))  # fmt: skip
 
     def spawn_update(
         self, leg: Leg, update: Update, reply: Callable[[UpdateResult], Awaitable[None]]

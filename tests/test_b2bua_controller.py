@@ -582,3 +582,47 @@ async def test_trunk_call_updates_never_carry_a_phones_sdp_across() -> None:
             assert t.updates == [dtmf] and a.updates == [dtmf]
             await w.controller.on_event(a, Disconnect())
             await w.ended()
+
+
+async def test_an_answered_trunk_call_failed_by_the_main_host_hangs_up_the_phone() -> None:
+    async with world() as w:
+        a = FakeLeg("caller")
+        with trio.fail_after(GUARD):
+            await w.controller.new_call(a, Offer("201", "301", OFFER))
+            await wait_until(lambda: bool(w.legs.trunk))
+            (t,) = w.legs.trunk
+            await w.controller.on_event(t, Connect(codec="PCMU/8000"))
+            reason = "office paris lost its connection"
+            await w.controller.on_event(t, Fail(503, f"Service Unavailable ({reason})", reason))
+            await w.ended()
+        assert a.got[-1] == Disconnect(f"Service Unavailable ({reason})")
+        assert all(m.closed for m in w.anchor.calls)
+
+
+async def test_answered_trunk_calls_wait_the_grace_period_then_hang_up() -> None:
+    async with world(CallPolicy(trunk_grace=0.3)) as w:
+        w.register("202")
+        a = FakeLeg("caller")
+        with trio.fail_after(GUARD):
+            await w.controller.new_call(a, Offer("201", "301", OFFER))
+            await wait_until(lambda: bool(w.legs.trunk))
+            (t,) = w.legs.trunk
+            await w.controller.on_event(t, Connect(codec="PCMU/8000"))
+            local = await _start(w)  # a call inside the office: never affected
+            (b,) = w.legs.sip
+            await w.controller.on_event(b, Connect(b"answer"))
+            # Down, then back within the grace period: the call goes on.
+            w.trunk.online = False
+            await w.controller.on_trunk_down()
+            w.trunk.online = True
+            await w.controller.on_trunk_up(b"k" * 32)
+            await trio.sleep(0.5)
+            assert len(w.controller.calls) == 2
+            # Down for longer than the grace period: the phone is hung up on.
+            w.trunk.online = False
+            await w.controller.on_trunk_down()
+            await wait_until(lambda: len(w.controller.calls) == 1)
+        assert a.got[-1] == Disconnect("main host unreachable")
+        assert t.closed and not local.closed
+        await w.controller.on_event(local, Disconnect())
+        await w.ended()
