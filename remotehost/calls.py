@@ -211,7 +211,9 @@ class Directory(Protocol):
     def info(self) -> MirrorInfo: ...
 
 
-class Location(Protocol):
+class Registrations(Protocol):
+    """Where each extension's phones are (`location.Location`)."""
+
     def get(self, ext: str) -> Sequence[Bindings]: ...
 
 
@@ -273,7 +275,7 @@ class CallController:
         *,
         legs: LegFactory,
         directory: Directory,
-        location: Location,
+        location: Registrations,
         trunk: Trunk,
         anchor: MediaAnchor,
         media_address: Callable[[str], str],
@@ -313,7 +315,7 @@ class CallController:
 
     def status(self) -> list[dict[str, object]]:
         """The live calls, for `remotehost status`."""
-        return [
+        return [  # a copy first: `remotehost status` reads this from a worker thread
             {
                 "call_id": call.call_id,
                 "caller": call.offer.caller,
@@ -323,7 +325,7 @@ class CallController:
                 "forks": len(call.b),
                 "anchored": call.media is not None,
             }
-            for call in self.calls.values()
+            for call in list(self.calls.values())
         ]
 
     # --- new calls ---
@@ -394,7 +396,9 @@ class CallController:
         if call.kind == "inbound":
             await self._ring_phones(call, offer)
             return
-        if self.directory.lookup(offer.callee) is not None:
+        if not offer.callee:
+            await self._fail(call, Fail(404, "Not Found (no number dialled)"))
+        elif self.directory.lookup(offer.callee) is not None:
             await self._local(call, offer)
         elif self._in_office_range(offer.callee):
             await self._fail(call, Fail(404, f"Not Found ({offer.callee} is no extension)"))

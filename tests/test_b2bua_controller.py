@@ -626,3 +626,19 @@ async def test_answered_trunk_calls_wait_the_grace_period_then_hang_up() -> None
         assert t.closed and not local.closed
         await w.controller.on_event(local, Disconnect())
         await w.ended()
+
+
+async def test_no_number_dialled_is_404_and_status_lists_live_calls() -> None:
+    async with world() as w:
+        a = FakeLeg("caller")
+        with trio.fail_after(GUARD):
+            await w.controller.new_call(a, Offer("201", "", OFFER))
+            await w.ended()
+            assert a.got == [Fail(404, "Not Found (no number dialled)")]
+            b = await _start(w)
+            (live,) = w.controller.status()
+            assert (live["caller"], live["callee"], live["kind"]) == ("201", "202", "local")
+            assert live["anchored"] is False
+            await w.controller.on_event(b, Disconnect())
+            await w.ended()
+        assert w.controller.status() == []
