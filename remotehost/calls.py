@@ -17,7 +17,7 @@ media anchor of trunk calls (SDP toward the phone points at the anchor, the anch
 the relay the main host names). Calls inside the office keep the phones' SDP untouched, so their
 audio goes phone to phone on the LAN.
 
-It does not parse SIP or frames, or move audio (`anchor.py`). It is long (about 700 lines)
+It does not parse SIP or frames, or move audio (`anchor.py`). It is long (about 850 lines)
 because the policy of the three kinds of call (inside the office, to and from another office)
 shares one state machine, and the SDP each kind gives the phones belongs next to it.
 """
@@ -232,6 +232,18 @@ class CallPolicy:
 
 @dataclass(eq=False)
 class Call:
+    """One call and where it stands. Its states, and what moves it (anything else is ignored:
+    a late 180, a second answer, a failure of a fork when another one answered):
+
+        trying --Ring--> ringing --Connect (first one wins)--> connected
+        trying, ringing --every fork Fail / caller Disconnect / no answer--> ended (Fail to a)
+        trying, ringing --trunk down (trunk calls)--> ended (503 to a)
+        connected --Disconnect from either side / Fail from the winner--> ended
+        connected --trunk down for longer than trunk_grace (trunk calls)--> ended
+
+    `_run` owns the call's life: whichever way it ends, its legs and anchor call are closed.
+    """
+
     call_id: str
     a: Leg
     offer: Offer
