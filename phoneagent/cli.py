@@ -206,43 +206,46 @@ async def _run_answer(phone: Phone, args: argparse.Namespace, out: _Output) -> N
 
 async def _run(args: argparse.Namespace) -> None:
     out = _Output(args.json)
-    try:
-        async with open_phone(
-            ext=args.ext or "phoneagent",
-            password=args.password,
-            server=args.server,
-            local_ip=args.local_ip,
-            sip_port=args.sip_port,
-            register_timeout=10.0,
-        ) as phone:
-            # Scripts (and tests) read our address from this line: with --sip-port 0 it is
-            # the only way to learn the port.
-            how = f"registered at {args.server}" if args.server else "not registered"
-            print(f"phoneagent: listening on {phone.uri} ({how})", file=sys.stderr, flush=True)
-            terminated = False
+    terminated = False
+    # A service manager's stop (SIGTERM) hangs up and unregisters (open_phone does both on
+    # the way out) instead of leaving a binding at the registrar. The receiver is installed
+    # before anything else, so no SIGTERM finds the default handler.
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        try:
+            async with (
+                open_phone(
+                    ext=args.ext or "phoneagent",
+                    password=args.password,
+                    server=args.server,
+                    local_ip=args.local_ip,
+                    sip_port=args.sip_port,
+                    register_timeout=10.0,
+                ) as phone,
+                trio.open_nursery() as nursery,
+            ):
 
-            async def stop_on_sigterm(scope: trio.CancelScope) -> None:
-                # A service manager's stop: hang up and unregister (open_phone does both on
-                # the way out) instead of vanishing with a binding left at the registrar.
-                nonlocal terminated
-                with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                async def stop_on_sigterm() -> None:
+                    nonlocal terminated
                     async for _ in signals:
                         terminated = True
-                        scope.cancel()
+                        nursery.cancel_scope.cancel()
                         return
 
-            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stop_on_sigterm)
                 nursery.start_soon(out.show_messages, phone)
-                nursery.start_soon(stop_on_sigterm, nursery.cancel_scope)
+                # Scripts (and tests) read our address from this line: with --sip-port 0
+                # it is the only way to learn the port.
+                how = f"registered at {args.server}" if args.server else "not registered"
+                print(f"phoneagent: listening on {phone.uri} ({how})", file=sys.stderr, flush=True)
                 if args.command == "call":
                     await _run_call(phone, args, out)
                 else:
                     await _run_answer(phone, args, out)
                 nursery.cancel_scope.cancel()
-        if terminated:
-            raise _Terminated
-    except* OSError as group:
-        raise PhoneError(_os_error(group.exceptions[0], args)) from None
+        except* OSError as group:
+            raise PhoneError(_os_error(group.exceptions[0], args)) from None
+    if terminated:
+        raise _Terminated
 
 
 def _os_error(exc: BaseException, args: argparse.Namespace) -> str:
