@@ -241,3 +241,34 @@ def test_sigterm_ends_an_answering_agent_cleanly() -> None:
         status, _, err = finish(callee)
     assert status == 128 + signal.SIGTERM
     assert "Traceback" not in err
+
+
+def _call_and_text(uri: str, text: str) -> None:
+    """From an API phone: call `uri`, send it a MESSAGE while the call is up, hang up."""
+    import trio
+
+    from phoneagent.phone import open_phone
+
+    async def main() -> None:
+        with trio.fail_after(TIMEOUT):
+            async with open_phone(ext="2009") as phone:
+                call = await phone.call(uri)
+                await call.wait_answered()
+                assert await phone.send_text(uri, text) == 200
+                await trio.sleep(0.3)
+                await call.hangup()
+
+    trio.run(main)
+
+
+def test_message_texts_are_printed_and_in_the_json() -> None:
+    with answering("--json") as (uri, callee):
+        _call_and_text(uri, "fire drill at 11")
+        status, out, _ = finish(callee)
+    assert status == 0
+    assert one_json(out)["messages"] == ["fire drill at 11"]
+    with answering() as (uri, callee):
+        _call_and_text(uri, "second one")
+        status, out, _ = finish(callee)
+    assert status == 0
+    assert "MESSAGE from sip:2009@127.0.0.1: second one" in out.splitlines()

@@ -41,7 +41,8 @@ def need(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def office(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Office]:
-    with open_office(tmp_path_factory.mktemp("office"), PHONES) as running:
+    # OPTIONS keepalives every second, so the agent's answers to them show quickly.
+    with open_office(tmp_path_factory.mktemp("office"), PHONES, keepalive_interval=1.0) as running:
         yield running
 
 
@@ -186,3 +187,33 @@ def test_cli_agent_registers_and_unregisters_on_sigterm(office: Office) -> None:
         stop_process(process)
     assert process.returncode == 128 + signal.SIGTERM, err
     assert not any(f":{port}" in c for c in bindings(office, "2002"))
+
+
+def wait_pings_answered(office: Office, more: int) -> None:
+    """Until the remote host has had `more` of its OPTIONS pings answered from now on."""
+
+    def answered() -> int:
+        return int(office.sip_stats()["service"]["pings_answered"])
+
+    before = answered()
+    wait_for(lambda: answered() >= before + more, f"{more} keepalive pings answered")
+
+
+async def test_two_agents_in_one_process_register_and_answer_keepalives(office: Office) -> None:
+    """Both bindings at once, each staying reachable: the remote host's OPTIONS pings get
+    the agents' 200s."""
+    server = f"{LOOPBACK}:{office.sip_port}"
+    with trio.fail_after(GUARD):
+        async with (
+            open_phone(ext="2001", password=PHONES["2001"], server=server) as first,
+            open_phone(ext="2002", password=PHONES["2002"], server=server) as second,
+        ):
+            await trio.to_thread.run_sync(wait_pings_answered, office, 4)
+            registrations = await trio.to_thread.run_sync(office.registrations)
+            ours = {
+                r["ext"]: r
+                for r in registrations
+                if r["contact"].endswith((f":{first.port}", f":{second.port}"))
+            }
+            assert set(ours) == {"2001", "2002"}
+            assert all(r["reachable"] for r in ours.values())
