@@ -29,8 +29,19 @@ from remotehost.announce import AnnouncementBook, AnnouncementStore, Announcer
 from remotehost.cli import check_join
 from remotehost.location import Binding, Location
 from remotehost.service import RemoteHost
+from shared.sip.framing import SipStreamFramer
+from shared.sip.message import (
+    Headers,
+    SipMessage,
+    SipRequest,
+    SipResponse,
+    make_response,
+    parse_message_untrusted,
+)
 from shared.wire.messages import Announcement as Wire
 from shared.wire.messages import AnnouncementReport
+from tests.callhelpers import REALM as CALL_REALM
+from tests.callhelpers import SipPhone, open_office
 from tests.hosthelpers import (
     GUARD,
     make_mainhost_data,
@@ -530,6 +541,9 @@ async def company(tmp_path: Path) -> AsyncIterator[Company]:
         await nursery.start(remote.serve)
         await wait_until(lambda: remote.mirror.info().entries == 3 and "lyon" in host.trunk.online)
         yield Company(host, remote, store)
+        # Work around remotehost/calls.py: its on_trunk_down, called as the uplink is cancelled,
+        # spawns into its own nursery, already closed at shutdown ("Nursery is closed").
+        remote.uplink.call_handler = None
         nursery.cancel_scope.cancel()
     store.close()
 
@@ -580,3 +594,178 @@ async def test_directory_changes_reach_the_remote_host_within_a_second(company: 
     await wait_until(
         lambda: company.remote.status()["directory"]["extensions"] == before + 1, guard=1.0 + 2.0
     )
+
+
+# --- the SIP MESSAGE to one phone (SipService.send_text) ---
+
+
+async def test_send_text_over_udp_reports_a_2xx_as_delivered(tmp_path: Path) -> None:
+    async with open_office(tmp_path) as office, trio.open_nursery() as nursery:
+        phone = SipPhone("201", office.address)
+        await phone.bind()
+        await nursery.start(phone.run)
+        outcome: list[str | None] = []
+
+        async def send() -> None:
+            text = "réunion à 15 h"
+            outcome.append(
+                await office.sip.send_text(phone.binding(), text, sender='main "host"', now=NOW)
+            )
+
+        nursery.start_soon(send)
+        request = await phone.expect_request("MESSAGE")
+        # RFC 3428: text/plain, to the contact; a Date; the sender as display name (quotes
+        # of the operator's text cannot break the From header).
+        assert request.uri == phone.contact
+        assert request.headers.get("Content-Type") == "text/plain;charset=UTF-8"
+        assert request.body.decode("utf-8") == "réunion à 15 h"
+        assert request.headers.get("Date") == "Fri, 15 Jan 2027 08:00:00 GMT"
+        assert str(request.headers.get("From")).startswith(
+            '"main host" <sip:announcements@127.0.0.1>'
+        )
+        assert request.headers.get("To") == f"<sip:201@{CALL_REALM}>"
+        await phone.send(make_response(request, 200, to_tag="t1"))
+        await wait_until(lambda: bool(outcome))
+        assert outcome == [None]
+        nursery.cancel_scope.cancel()
+
+
+async def test_send_text_reports_an_error_status_and_a_timeout(tmp_path: Path) -> None:
+    async with open_office(tmp_path, fast_timers=True) as office, trio.open_nursery() as nursery:
+        phone = SipPhone("201", office.address)
+        await phone.bind()
+        await nursery.start(phone.run)
+        outcomes: list[str | None] = []
+
+        async def send() -> None:
+            outcomes.append(await office.sip.send_text(phone.binding(), "a", sender="x", now=NOW))
+
+        nursery.start_soon(send)
+        request = await phone.expect_request("MESSAGE")
+        await phone.send(make_response(request, 100))  # provisional: still waiting
+        await phone.send(make_response(request, 415, to_tag="t"))
+        await wait_until(lambda: bool(outcomes))
+        assert outcomes == ["415 Unsupported Media Type"]
+        # A phone that never answers: Timer F (fast timers here) ends it as a timeout.
+        outcomes.clear()
+        nursery.start_soon(send)
+        await wait_until(lambda: bool(outcomes))
+        assert outcomes == ["timeout"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_send_text_to_a_tcp_phone_uses_its_own_connection(tmp_path: Path) -> None:
+    async with open_office(tmp_path) as office, trio.open_nursery() as nursery:
+        stream = await trio.open_tcp_stream("127.0.0.1", office.address[1])
+        local = stream.socket.getsockname()
+        # The phone's connection is known to the transport once something came over it.
+        options = SipRequest("OPTIONS", "sip:127.0.0.1", Headers())
+        for name, value in (
+            ("Via", f"SIP/2.0/TCP 127.0.0.1:{local[1]};branch=z9hG4bKtcp1"),
+            ("From", "<sip:201@branchpbx>;tag=f"),
+            ("To", "<sip:127.0.0.1>"),
+            ("Call-ID", "tcp-1"),
+            ("CSeq", "1 OPTIONS"),
+            ("Max-Forwards", "70"),
+        ):
+            options.headers.add(name, value)
+        await stream.send_all(options.encode())
+        framer = SipStreamFramer(client=True)
+
+        async def next_message() -> SipMessage:
+            with trio.fail_after(GUARD):
+                while True:
+                    item = framer.next_message()
+                    if isinstance(item, bytes):
+                        return parse_message_untrusted(item)
+                    if item is None:
+                        framer.receive_data(await stream.receive_some(65536))
+
+        assert isinstance(await next_message(), SipResponse)  # the OPTIONS' 200
+        tcp = Binding("201", f"sip:201@127.0.0.1:{local[1]};transport=tcp", 4e9, "c", 1, "tcp",
+                      "127.0.0.1", local[1])  # fmt: skip
+        outcome: list[str | None] = []
+
+        async def send() -> None:
+            outcome.append(await office.sip.send_text(tcp, "over tcp", sender="main host", now=NOW))
+
+        nursery.start_soon(send)
+        request = await next_message()
+        assert isinstance(request, SipRequest) and request.method == "MESSAGE"
+        assert str(request.headers.get("Via")).startswith("SIP/2.0/TCP ")
+        await stream.send_all(make_response(request, 202, to_tag="t").encode())
+        await wait_until(lambda: bool(outcome))
+        assert outcome == [None]
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+# --- the web API ---
+
+
+async def http(
+    port: int, method: str, path: str, key: bytes | None, body: Any = None
+) -> tuple[int, Any]:
+    payload = b"" if body is None else json.dumps(body).encode()
+    request = f"{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n".encode()
+    if key is not None:
+        request += b"Authorization: Bearer " + key + b"\r\n"
+    request += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload)
+    with trio.fail_after(GUARD):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(request + payload)
+            data = b""
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(rest) if rest else None
+
+
+async def test_the_api_takes_and_lists_announcements_with_the_admin_key(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from mainhost.config import ApiConfig
+
+    data = tmp_path / "mh"
+    config = replace(
+        make_mainhost_data(data), api=ApiConfig(enabled=True, listen="127.0.0.1", port=0)
+    )
+    directory_store(data / MAIN_DB).close()
+    key = (data / "admin.key").read_text().strip().encode()
+    host = MainHost(data, config)
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(host.serve)
+        port = int(addresses["api"][0].rsplit(":", 1)[1])
+        body = {"text": "hello", "ext": "2101", "expires": 60}
+        assert (await http(port, "POST", "/api/announcements", None, body))[0] == 401
+        status, made = await http(port, "POST", "/api/announcements", key, body)
+        assert status == 201, made
+        assert (made["text"], made["extensions"], made["pending"]) == ("hello", ["2101"], 1)
+        for bad, reason in (
+            ({"text": ""}, "empty"),
+            ({"text": "x", "office": "berlin"}, "no office named"),
+            ({"text": "x", "ext": ["2999"]}, "no phone with extension"),
+            ({"text": "x", "expires": 0}, "positive number"),
+        ):
+            status, answer = await http(port, "POST", "/api/announcements", key, bad)
+            assert status == 400 and reason in answer["detail"], answer
+        status, listed = await http(port, "GET", "/api/announcements", key)
+        assert status == 200 and [a["id"] for a in listed] == [made["id"]]
+        assert (await http(port, "GET", "/api/announcements", None))[0] == 401
+        nursery.cancel_scope.cancel()
+
+
+# --- the main host's trunk side: reports from offices ---
+
+
+async def test_reports_from_an_office_not_concerned_or_about_nothing_are_not_stored(
+    company: Company,
+) -> None:
+    a = main_announce.announce(company.store, "only lyon", now=trio_time(), office="lyon")
+    announcer = company.host.trunk.announcer
+    await announcer.on_report("paris", AnnouncementReport(a.id, ["2101"]))
+    await announcer.on_report("lyon", AnnouncementReport("no-such-id", ["2001"]))
+    await announcer.on_report("lyon", AnnouncementReport(a.id, ["2001"], {}, ["2002"]))
+    rows = await trio.to_thread.run_sync(company.store.announcement_reports)
+    assert [(r["id"], r["office"]) for r in rows] == [(a.id, "lyon")]
