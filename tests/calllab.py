@@ -8,6 +8,7 @@ with one password; `Offices.answer`/`call` run `phoneagent` in the phone's names
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from functools import partial
@@ -278,3 +279,153 @@ def script_result(agent: subprocess.Popen[str], timeout: float = 60) -> dict[str
     code, out, err = finish(agent, timeout)
     assert code == 0, f"phone script exited {code}:\n{out}\n{err}"
     return stats_of(out)
+
+
+# --- real SIP peers in a phone's namespace --------------------------------------------------
+
+# One ctrl_tcp command to baresip (a JSON object in a netstring, its answer the same way); run
+# with `python -c` inside the phone's namespace, where baresip's control port is.
+_BARESIP_COMMAND = r"""
+import json, socket, sys
+port, command, params = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+body = json.dumps({"command": command, "params": params, "token": "t"}).encode()
+with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+    sock.sendall(b"%d:%s," % (len(body), body))
+    data = b""
+    while True:
+        length, colon, rest = data.partition(b":")
+        if colon and len(rest) > int(length):
+            answer = json.loads(rest[: int(length)])
+            if answer.get("response"):
+                print(json.dumps(answer))
+                break
+            data = rest[int(length) + 1 :]
+            continue
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise SystemExit(f"baresip closed ctrl_tcp; got {data!r}")
+        data += chunk
+"""
+
+BARESIP_SIP_PORT = 5070  # in the phone's own namespace: nobody else binds there
+BARESIP_CTRL_PORT = 4444  # on that namespace's loopback
+
+
+class LabBaresip:
+    """baresip (1.0.0, Debian's baresip-core) headless as office `office`'s phone `phone`.
+
+    It registers with digest auth, answers every call at once (answermode=auto), plays
+    `source` (a WAV file, through the aufile module) and records what it hears: the sndfile
+    filter writes `dump-<time>-dec.wav` (received) and `-enc.wav` (sent) per call in `dir`.
+    baresip 1.0.0's aufile is an audio source only (no `audio_player aufile,FILE` yet), and no
+    player is needed: the decoded audio passes the sndfile filter before the (absent) player.
+    """
+
+    def __init__(
+        self, binary: str, offices: Offices, office: int, phone: int, source: Path, dir: Path
+    ) -> None:
+        self.lab, self.ext = offices.lab, f"{office}00{phone}"
+        self.host = offices.lab.office(office).host(f"p{phone}")
+        self.dir = dir
+        dir.mkdir(parents=True)
+        (dir / "config").write_text(
+            "poll_method\tepoll\n"
+            f"sip_listen\t{self.host.address}:{BARESIP_SIP_PORT}\n"
+            f"audio_source\taufile,{source}\n"
+            "module_path\t/usr/lib/baresip/modules\n"
+            "module\tg711.so\n"
+            "module\taufile.so\n"
+            "module\tsndfile.so\n"
+            "module\tctrl_tcp.so\n"
+            "module_tmp\taccount.so\n"
+            "module_app\tmenu.so\n"
+            f"ctrl_tcp_listen\t127.0.0.1:{BARESIP_CTRL_PORT}\n"
+            f"snd_path\t{dir}\n"
+        )
+        (dir / "accounts").write_text(
+            f"<sip:{self.ext}@{offices.server(office)}>;auth_pass={PASSWORD};regint=300"
+            ";answermode=auto\n"
+        )
+        self.log = dir / "baresip.log"
+        with self.log.open("wb") as out:
+            self.proc: subprocess.Popen[bytes] = self.lab.popen(
+                self.host.ns,
+                [binary, "-f", str(dir), "-s"],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        wait_until(partial(registered, offices.system, office, self.ext), 15, f"baresip {self.ext}")
+
+    def output(self) -> str:
+        return re.sub(r"\x1b\[[0-9;]*m", "", self.log.read_text(errors="replace"))
+
+    def command(self, command: str, params: str = "") -> dict[str, Any]:
+        result = self.lab.run(
+            self.host.ns,
+            [PYTHON, "-c", _BARESIP_COMMAND, str(BARESIP_CTRL_PORT), command, params],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        answer: dict[str, Any] = json.loads(result.stdout)
+        return answer
+
+    def wait_calls_ended(self, count: int, timeout: float = 30) -> None:
+        """Until baresip has logged `count` calls as terminated."""
+        wait_until(
+            lambda: self.output().count(" terminated (duration") >= count,
+            timeout,
+            f"baresip: {count} call(s) ended",
+        )
+
+    def recordings(self) -> list[Path]:
+        """What baresip heard, one WAV file per call, oldest first."""
+        return sorted(self.dir.glob("dump-*-dec.wav"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+SIPP_PORT = 5070  # in the phone's own namespace
+
+
+def sipp_in_lab(
+    binary: str,
+    offices: Offices,
+    office: int,
+    phone: int,
+    scenario: Path,
+    workdir: Path,
+    *args: str,
+    target: bool = True,
+) -> subprocess.Popen[bytes]:
+    """SIPp as office `office`'s phone `phone`, from its address and port 5070, one call;
+    `target` aims it at the office's remote host (a UAC); without, it waits (a UAS). Its
+    message trace is `workdir/<scenario>-<ext>.messages`, its screen `.screen`. The caller
+    stops it (it gives up by itself after 30 s)."""
+    host = offices.lab.office(office).host(f"p{phone}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    trace = workdir / f"{scenario.stem}-{office}00{phone}.messages"
+    argv = [binary]
+    if target:
+        argv.append(f"{offices.server(office)}:5060")
+    argv += [
+        "-sf", str(scenario), "-t", "u1", "-i", host.address, "-p", str(SIPP_PORT),
+        "-m", "1", "-timeout", "30s", "-timeout_error", "-nostdin",
+        "-trace_msg", "-message_file", str(trace), *args,
+    ]  # fmt: skip
+    # The screen goes to a file: nobody reads a pipe while SIPp runs, and a full one stops it.
+    with trace.with_suffix(".screen").open("wb") as screen:
+        sipp: subprocess.Popen[bytes] = offices.lab.popen(
+            host.ns, argv, cwd=workdir, stdin=subprocess.DEVNULL, stdout=screen,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    return sipp
