@@ -27,7 +27,9 @@ from shared.sip.message import SipRequest, SipResponse, make_response
 from shared.sip.uri import SipUri
 
 log = logging.getLogger("remotehost.registrar")
-SUPPORTED_OPTIONS: frozenset[str] = frozenset({"path", "outbound"})
+# No SIP extensions are claimed: Path (RFC 3327) and outbound (RFC 5626 flows) would need the
+# registrar to store and use them, which it does not; a REGISTER requiring one gets 420.
+SUPPORTED_OPTIONS: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -348,7 +348,6 @@ class SipService:
                 headers=[
                     ("Allow", ", ".join(self.allowed)),
                     ("Accept", "application/sdp"),
-                    ("Supported", "path, outbound"),
                 ],
             )
         if method in KNOWN_METHODS:
