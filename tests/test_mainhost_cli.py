@@ -518,3 +518,14 @@ def test_remotehost_with_a_damaged_mirror(tmp_path):
     (data / "remotehost.db").write_text("not a database\n" * 50)
     for command in ("serve", "status"):
         assert_one_line_error(remotehost(command, "--data", data), str(data / "remotehost.db"))
+
+
+def test_write_private_tightens_a_file_left_behind(tmp_path):
+    from shared.cli import write_private
+
+    leftover = tmp_path / "office.secret"
+    leftover.write_bytes(b"old")
+    leftover.chmod(0o644)
+    write_private(leftover, b"new secret")
+    assert leftover.read_bytes() == b"new secret"
+    assert leftover.stat().st_mode & 0o777 == 0o600
