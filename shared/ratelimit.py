@@ -43,7 +43,11 @@ class FailureThrottle:
 
     def _entry(self, key: str, now: float) -> _Entry | None:
         entry = self._entries.get(key)
-        if entry is not None and now - entry.last > self.forget_after:
+        # A block outlives forget_after if block_for is longer: forgetting it would unblock.
+        horizon = self.forget_after
+        if self.block_after is not None:
+            horizon = max(horizon, self.block_for)
+        if entry is not None and now - entry.last > horizon:
             del self._entries[key]
             return None
         return entry
