@@ -140,3 +140,11 @@ def test_delay_never_negative_never_over_cap_and_monotone(free, base, cap, event
             assert delay >= previous[key]
         previous[key] = delay
         assert len(throttle) <= 3
+
+
+def test_a_block_longer_than_the_memory_still_lasts():
+    throttle = FailureThrottle(block_after=2, block_for=900.0, forget_after=60.0)
+    fail(throttle, "a", 2)
+    assert throttle.blocked("a", T0 + 700)  # not forgotten at 60 s while still blocked
+    assert not throttle.blocked("a", T0 + 901)
+    assert throttle.delay("a", T0 + 902) == 0.0
