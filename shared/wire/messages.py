@@ -516,3 +516,46 @@ class AnnouncementReport(Message):
     delivered: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     pending: list[str] = field(default_factory=list)
+
+
+# --- Call records (F15), control channel ---------------------------------------------------
+
+
+@record
+@dataclass(frozen=True, slots=True)
+class CallRecordInfo:
+    """One event of one call as an office saw it. (`office`, `boot_id`, `seq`) is its key:
+    `seq` counts up from 1 within one boot epoch of the remote host, so a record sent twice
+    is stored once and a missing number is a visible gap."""
+
+    office: str
+    boot_id: str
+    seq: int
+    call_id: str
+    event: str  # started, ringing, answered, ended
+    at: float
+    caller: str = ""
+    callee: str = ""
+    direction: str = ""  # local, outbound, inbound
+    status: int = 0
+    reason: str = ""
+
+
+@message(107)
+@dataclass(frozen=True, slots=True)
+class CallRecords(Message):
+    """Remote host -> main host: call records from its disk, in `seq` order; sent again until
+    acknowledged (storing is idempotent by key)."""
+
+    records: list[CallRecordInfo] = field(default_factory=list)
+
+
+@message(108)
+@dataclass(frozen=True, slots=True)
+class CallRecordsAck(Message):
+    """Main host -> remote host: every record of (`office`, `boot_id`) up to `up_to_seq` is
+    stored durably; the remote host may forget them."""
+
+    office: str
+    boot_id: str
+    up_to_seq: int
