@@ -19,6 +19,7 @@ from typing import Protocol
 
 import trio
 
+from mainhost.bandwidth import OfficeBudget, choose_codec, cost_kbps, is_audio
 from shared.wire.messages import (
     CallAnswer,
     CallEnd,
@@ -66,6 +67,7 @@ class Bridge:
     b: tuple[str, int] | None = None
     answered: bool = False
     orphaned_since: dict[str, float] = field(default_factory=dict)
+    cost_kbps: float = 0.0  # reserved on both offices' WAN budgets while the call lasts
 
     def other(self, side: tuple[str, int]) -> tuple[str, int] | None:
         return self.b if side == self.a else self.a
@@ -104,6 +106,27 @@ class CallRouter:
         self._next_channel: dict[str, int] = {}
         self.calls_routed = 0
         self.calls_refused = 0
+        self.budgets: dict[str, OfficeBudget] = {}
+
+    def set_budget(self, office: str, kbps: int) -> None:
+        """The office's WAN voice budget (changeable while calls run: they keep their share)."""
+        budget = self.budgets.get(office)
+        if budget is None:
+            self.budgets[office] = OfficeBudget(kbps)
+        else:
+            budget.budget_kbps = kbps
+
+    def _budget(self, office: str) -> OfficeBudget:
+        return self.budgets.setdefault(office, OfficeBudget(0))
+
+    def _reserve(self, bridge: Bridge, kbps: float) -> None:
+        offices = {bridge.a[0], bridge.b[0] if bridge.b else bridge.a[0]}
+        for office in offices:
+            budget = self._budget(office)
+            budget.used_kbps += kbps - bridge.cost_kbps
+            if bridge.cost_kbps == 0 and kbps:
+                budget.calls += 1
+        bridge.cost_kbps = kbps
 
     def route(self, number: str) -> OfficeRange | None:
         for office in self._ranges():
@@ -133,6 +156,8 @@ class CallRouter:
                 return
             if isinstance(msg, CallAnswer):
                 bridge.answered = True
+                # The callee may have answered with another codec of the offer: pay for that.
+                self._reserve(bridge, cost_kbps(msg.codec, msg.ptime))
             await self._send(other[0], msg, other[1])
         else:
             log.debug("%s from %s on channel %d not handled", type(msg).__name__, office, channel)
@@ -169,17 +194,36 @@ class CallRouter:
         if not self._is_online(target.name):
             await self._refuse(side, msg.call_id, 480, f"office {target.name} is offline right now")
             return
+        # F7: the call crosses both offices' WAN links; it must fit both voice budgets.
+        budgets = [self._budget(side[0]), self._budget(target.name)]
+        choice = choose_codec(msg.codecs or ["PCMU/8000"], budgets)
+        if choice is None:
+            full = side[0] if not budgets[0].room_for(_cheapest(msg.codecs)) else target.name
+            budget = self._budget(full)
+            budget.refused += 1
+            await self._refuse(
+                side,
+                msg.call_id,
+                503,
+                f"office {full}'s WAN is full ({budget.used_kbps:.0f} of {budget.budget_kbps}"
+                " kbit/s for voice in use)",
+            )
+            return
+        codecs, cost = choice
+        if codecs != msg.codecs:
+            log.info("call %s: %s instead, to fit the WAN budget", msg.call_id, codecs[0])
         bridge = Bridge(msg.call_id, side)
         self.bridges[side] = bridge
         channel = self._channel_for(target.name)
         bridge.b = (target.name, channel)
         self.bridges[bridge.b] = bridge
+        self._reserve(bridge, cost)
         self.calls_routed += 1
         if self.relay is not None:
             leg_a = self.relay.offer(msg.call_id, side[0])
             leg_b = self.relay.answer(msg.call_id, target.name)
             await self._send(side[0], MediaLeg(msg.call_id, leg_a, self.relay_port), side[1])
-        setup = CallSetup(msg.call_id, msg.caller, msg.callee, msg.codecs, msg.caller_name, side[0])
+        setup = CallSetup(msg.call_id, msg.caller, msg.callee, codecs, msg.caller_name, side[0])
         delivered = await self._send(target.name, setup, channel)
         if delivered and self.relay is not None:
             await self._send(target.name, MediaLeg(msg.call_id, leg_b, self.relay_port), channel)
@@ -205,6 +249,13 @@ class CallRouter:
         for side in (bridge.a, bridge.b):
             if side is not None and self.bridges.get(side) is bridge:
                 del self.bridges[side]
+        if bridge.cost_kbps:
+            offices = {bridge.a[0], bridge.b[0] if bridge.b else bridge.a[0]}
+            for office in offices:
+                budget = self._budget(office)
+                budget.used_kbps = max(0.0, budget.used_kbps - bridge.cost_kbps)
+                budget.calls = max(0, budget.calls - 1)
+            bridge.cost_kbps = 0.0
         if self.relay is not None:
             self.relay.delete(bridge.call_id)
 
@@ -237,7 +288,20 @@ class CallRouter:
                         side[1],
                     )
 
+    def bandwidth(self, office: str) -> dict[str, float | int]:
+        budget = self._budget(office)
+        return {
+            "budget_kbps": budget.budget_kbps,
+            "used_kbps": round(budget.used_kbps, 1),
+            "calls": budget.calls,
+            "refused": budget.refused,
+        }
+
     async def watch(self, interval: float = 1.0) -> None:
         while True:
             await trio.sleep(interval)
             await self.reap(trio.current_time())
+
+
+def _cheapest(codecs: list[str]) -> float:
+    return min((cost_kbps(c) for c in codecs if is_audio(c)), default=cost_kbps("PCMU/8000"))

@@ -154,6 +154,19 @@ def cmd_office_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_office_set(args: argparse.Namespace) -> int:
+    store = _store(args.data)
+    try:
+        store.set_wan_kbps(args.name, args.wan_kbps)
+    finally:
+        store.close()
+    print(
+        f"office {args.name}: WAN voice budget {args.wan_kbps} kbit/s (calls in progress keep"
+        " theirs; a running main host applies it within a second)"
+    )
+    return 0
+
+
 def cmd_office_token(args: argparse.Namespace) -> int:
     config = load_config(args.data)
     store = _store(args.data)
@@ -267,6 +280,15 @@ def read_status(data: Path) -> dict[str, Any]:
         return data_status_offline(data)
 
 
+def _bandwidth(bandwidth: dict[str, Any] | None) -> str:
+    if not bandwidth:
+        return "-"
+    text = f"{bandwidth['used_kbps']:.0f}/{bandwidth['budget_kbps']} kbit/s"
+    if bandwidth.get("refused"):
+        text += f", [red]{bandwidth['refused']} refused[/]"
+    return text
+
+
 def render_status(status: dict[str, Any]) -> Group:
     now = time.time()
     title = "main host " + (
@@ -297,6 +319,7 @@ def render_status(status: dict[str, Any]) -> Group:
             ago(office["last_seen"], now),
             office["extensions"],
             str(office["phones"]),
+            _bandwidth(office.get("bandwidth")),
             lan or "-",
         )
     phones = Table(title="registered phones", title_justify="left")
@@ -428,6 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="WAN voice budget in kbit/s (default 2000)",
     )
     p.set_defaults(func=cmd_office_add)
+    p = office.add_parser("set", parents=[common], help="change an office's settings")
+    p.add_argument("name")
+    p.add_argument(
+        "--wan-kbps", type=int, required=True, metavar="N", help="WAN voice budget in kbit/s"
+    )
+    p.set_defaults(func=cmd_office_set)
     p = office.add_parser("token", parents=[common], help="print an office's join token again")
     p.add_argument("name")
     p.set_defaults(func=cmd_office_token)

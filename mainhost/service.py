@@ -77,7 +77,12 @@ class MainHost:
     def status(self) -> dict[str, Any]:
         now = time.time()
         offices = [
-            office_entry(office, self.trunk.online.get(office.name), now)
+            office_entry(
+                office,
+                self.trunk.online.get(office.name),
+                now,
+                self.trunk.calls.bandwidth(office.name),
+            )
             for office in self.store.offices()
         ]
         return {
@@ -209,7 +214,12 @@ class MainHost:
         return {"status": status}
 
 
-def office_entry(office: Office, live: OfficeLive | None, now: float) -> dict[str, Any]:
+def office_entry(
+    office: Office,
+    live: OfficeLive | None,
+    now: float,
+    bandwidth: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One office as `status` shows it: live state when online, the last known state otherwise."""
     return {
         "name": office.name,
@@ -229,6 +239,8 @@ def office_entry(office: Office, live: OfficeLive | None, now: float) -> dict[st
         "stun_address": f"{office.stun_ip}:{office.stun_port}" if office.stun_ip else None,
         "directory_version": office.dir_version,
         "directory_acked": live.dir_acked if live else None,
+        "bandwidth": bandwidth
+        or {"budget_kbps": office.wan_kbps, "used_kbps": 0, "calls": 0, "refused": 0},
         "registrations": (
             [b for ext in sorted(live.registrations) for b in live.registrations[ext]]
             if live

@@ -230,6 +230,15 @@ class MainStore:
             self._log(db, name, "created", f"extensions {first}-{last}, {wan_kbps} kbit/s")
         return secret
 
+    def set_wan_kbps(self, name: str, wan_kbps: int) -> None:
+        if wan_kbps <= 0:
+            raise StoreError(f"--wan-kbps must be a positive number of kbit/s, not {wan_kbps}")
+        with self._write() as db:
+            cursor = db.execute("UPDATE offices SET wan_kbps=? WHERE name=?", (wan_kbps, name))
+            if cursor.rowcount == 0:
+                raise StoreError(f"no office named {name!r}")
+            self._log(db, name, "budget", f"WAN voice budget set to {wan_kbps} kbit/s")
+
     def office_secret(self, name: str) -> bytes | None:
         rows = self._read("SELECT secret FROM offices WHERE name=?", (name,))
         return bytes(rows[0]["secret"]) if rows else None

@@ -128,6 +128,8 @@ class TrunkServer:
         self.office_ranges = [
             OfficeRange(o.name, o.ext_first, o.ext_last, len(str(o.ext_first))) for o in offices
         ]
+        for office in offices:
+            self.calls.set_budget(office.name, office.wan_kbps)
         directories: dict[str, set[str]] = {o.name: set() for o in offices}
         for phone in self.store.phones():
             directories.setdefault(phone["office"], set()).add(phone["ext"])

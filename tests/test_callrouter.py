@@ -74,6 +74,8 @@ def make(online: set[str] | None = None) -> tuple[CallRouter, Net, FakeRelay]:
         relay_port=5090,
         grace=10.0,
     )
+    router.set_budget("berlin", 2000)
+    router.set_budget("lisbon", 2000)
     return router, net, relay
 
 
@@ -144,3 +146,49 @@ async def test_calls_wait_for_a_relogin_then_end_after_the_grace() -> None:
     ended = [m for _, m in net.to("lisbon") if isinstance(m, CallEnd)]
     assert ended and ended[0].status == 503 and "berlin" in ended[0].reason
     assert relay.deleted == ["c3"]
+
+
+G711 = 92.8  # kbit/s: 160 bytes of G.711 + RTP + our WAN header and tag + UDP + IPv4, 50/s
+
+
+async def test_a_call_costs_its_codec_on_both_wans_until_it_ends() -> None:
+    router, _, _ = make()
+    await router.on_message("berlin", 1, CallSetup("c", "2001", "3001", ["PCMA/8000"]))
+    for office in ("berlin", "lisbon"):
+        assert router.bandwidth(office)["used_kbps"] == G711
+        assert router.bandwidth(office)["calls"] == 1
+    await router.on_message("berlin", 1, CallEnd("c"))
+    for office in ("berlin", "lisbon"):
+        assert router.bandwidth(office)["used_kbps"] == 0
+        assert router.bandwidth(office)["calls"] == 0
+
+
+async def test_a_full_wan_refuses_with_503_naming_the_office() -> None:
+    router, net, relay = make()
+    router.set_budget("lisbon", 150)  # room for one G.711 call, not two
+    await router.on_message("berlin", 1, CallSetup("c1", "2001", "3001", ["PCMU/8000"]))
+    await router.on_message("berlin", 3, CallSetup("c2", "2002", "3001", ["PCMU/8000"]))
+    refusal = [m for c, m in net.to("berlin") if c == 3][-1]
+    assert isinstance(refusal, CallEnd) and refusal.status == 503
+    assert "lisbon" in refusal.reason and "WAN" in refusal.reason
+    assert router.bandwidth("lisbon")["refused"] == 1
+    assert router.bandwidth("berlin")["refused"] == 0
+    assert "c2" not in relay.legs
+    # The first call's end frees the room for the next.
+    await router.on_message("berlin", 1, CallEnd("c1"))
+    await router.on_message("berlin", 5, CallSetup("c3", "2002", "3001", ["PCMU/8000"]))
+    assert isinstance([m for c, m in net.to("lisbon")][-2], CallSetup)
+
+
+async def test_a_cheaper_codec_both_phones_offer_is_chosen_when_the_first_does_not_fit() -> None:
+    router, net, _ = make()
+    router.set_budget("berlin", 60)  # no room for G.711 (92.8), room for G.729 (36.8)
+    codecs = ["PCMU/8000", "G729/8000", "telephone-event/8000"]
+    await router.on_message("berlin", 1, CallSetup("c", "2001", "3001", codecs))
+    setup = next(m for _, m in net.to("lisbon") if isinstance(m, CallSetup))
+    assert setup.codecs == ["G729/8000", "telephone-event/8000"]
+    assert router.bandwidth("berlin")["used_kbps"] == 36.8
+    # The callee's answer decides what is paid for from then on.
+    channel = next(c for c, m in net.to("lisbon") if isinstance(m, CallSetup))
+    await router.on_message("lisbon", channel, CallAnswer("c", "G729/8000"))
+    assert router.bandwidth("lisbon")["used_kbps"] == 36.8
