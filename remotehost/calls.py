@@ -146,6 +146,23 @@ class Leg(Protocol):
     def close(self) -> None: ...
 
 
+class CallListener(Protocol):
+    """Hears every call's events, for call records (`records.py`, F15). `event` is started,
+    ringing, answered or ended; `status` and `reason` say how it ended (0: a normal hangup)."""
+
+    def call_event(
+        self,
+        call_id: str,
+        event: str,
+        *,
+        caller: str,
+        callee: str,
+        direction: str,
+        status: int = 0,
+        reason: str = "",
+    ) -> None: ...
+
+
 class MediaCall(Protocol):
     """One call's anchored media (`anchor.py`)."""
 
@@ -258,6 +275,8 @@ class Call:
     sent_sdp: SessionDescription | None = None
     """The last SDP we gave the phone of a trunk call (RFC 3264 §8: same o=, next version)."""
     failure: Fail | None = None
+    cause: tuple[int, str] | None = None
+    """How the call ended (status, reason), for its record: the first cause wins."""
     answered: trio.Event = field(default_factory=trio.Event)
     ended: trio.Event = field(default_factory=trio.Event)
 
@@ -306,6 +325,25 @@ class CallController:
         self._trunk_legs: dict[int, Callable[[Message], Awaitable[None]]] = {}
         self._nursery: trio.Nursery | None = None
         self._trunk_epoch = 0  # counts trunk losses, so a late grace timer knows it is stale
+        self.listener: CallListener | None = None
+
+    def _note(self, call_id: str, offer: Offer, kind: str, event: str, *cause: int | str) -> None:
+        """Tell the listener (call records); its failure must never fail a call."""
+        if self.listener is None:
+            return
+        status, reason = cause if cause else (0, "")
+        try:
+            self.listener.call_event(
+                call_id,
+                event,
+                caller=offer.caller,
+                callee=offer.callee,
+                direction=kind,
+                status=int(status),
+                reason=str(reason),
+            )
+        except Exception:
+            log.exception("call %s: the call listener failed", call_id)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -347,12 +385,17 @@ class CallController:
         if len(self.calls) >= self.policy.max_calls:
             log.warning("call from %s to %s refused: %d calls", offer.caller, offer.callee,
                         len(self.calls))  # fmt: skip
-            await a.send(Fail(503, f"Service Unavailable (at most {self.policy.max_calls} calls)"))
+            refusal = Fail(503, f"Service Unavailable (at most {self.policy.max_calls} calls)")
+            call_id = secrets.token_hex(8)
+            self._note(call_id, offer, "local", "started")
+            self._note(call_id, offer, "local", "ended", refusal.status, refusal.reason)
+            await a.send(refusal)
             a.close()
             return
         call = Call(secrets.token_hex(8), a, offer)
         a.call = call
         self.calls[call.call_id] = call
+        self._note(call.call_id, offer, call.kind, "started")
         self._spawn(lambda: self._run(call))
 
     def register_trunk_leg(
@@ -383,6 +426,8 @@ class CallController:
             if call.media is not None:
                 call.media.close()
             self.calls.pop(call.call_id, None)
+            cause = call.cause or (500, "Server Internal Error (call control stopped)")
+            self._note(call.call_id, call.offer, call.kind, "ended", *cause)
             log.info("call %s ended", call.call_id)
 
     async def _run_call(self, call: Call) -> None:
@@ -505,6 +550,8 @@ class CallController:
                 await self._hang_up(call, leg, event)
         elif isinstance(event, Ring):
             if call.state in ("trying", "ringing"):
+                if call.state == "trying":
+                    self._note(call.call_id, call.offer, call.kind, "ringing")
                 call.state = "ringing"
                 await call.a.send(self._ring_for_a(call, event))
         elif isinstance(event, Connect):
@@ -561,6 +608,7 @@ class CallController:
         call.state = "connected"
         call.winner = leg
         call.answered.set()
+        self._note(call.call_id, call.offer, call.kind, "answered")
         # The first answer wins; the other forks are cancelled (RFC 3261 §16.7 step 10).
         for other in call.b:
             if other is not leg:
@@ -615,6 +663,7 @@ class CallController:
         if call.state == "ended":
             return
         call.state = "ended"
+        call.cause = call.cause or (event.status, event.reason)
         log.info("call %s failed: %d %s", call.call_id, event.status, event.reason)
         for leg in call.b:
             await leg.send(Disconnect(event.reason))
@@ -624,6 +673,14 @@ class CallController:
     async def _hang_up(self, call: Call, by: Leg, event: Disconnect | Fail) -> None:
         connected = call.state == "connected"
         call.state = "ended"
+        side = "caller" if by is call.a else "callee"
+        if connected:
+            call.cause = call.cause or (0, event.reason or f"{side} hung up")
+        else:
+            call.cause = call.cause or (
+                487,
+                f"Request Terminated ({event.reason or side + ' hung up'})",
+            )
         targets = [leg for leg in call.legs if leg is not by]
         if connected:
             targets = [call.a if by is not call.a else call.winner] if call.winner else []
@@ -730,12 +787,16 @@ class CallController:
             leg = self.legs.trunk_leg(msg.call_id, channel)
             offer = Offer(msg.caller, msg.callee, None, tuple(msg.codecs), msg.caller_name)
             if len(self.calls) >= self.policy.max_calls:
-                await leg.send(Fail(503, f"office busy ({self.policy.max_calls} calls)"))
+                refusal = Fail(503, f"office busy ({self.policy.max_calls} calls)")
+                self._note(msg.call_id, offer, "inbound", "started")
+                self._note(msg.call_id, offer, "inbound", "ended", refusal.status, refusal.reason)
+                await leg.send(refusal)
                 leg.close()
                 return
             call = Call(msg.call_id, leg, offer, kind="inbound")
             leg.call = call
             self.calls[call.call_id] = call
+            self._note(call.call_id, offer, call.kind, "started")
             self._spawn(lambda: self._run(call))
 
     async def on_trunk_up(self, media_key: bytes) -> None:
