@@ -75,6 +75,7 @@ from shared.sip.uri import parse_host_port_untrusted
 log = logging.getLogger("phoneagent")
 Address = tuple[str, int]
 GUARD = 32.0  # seconds: longest a SIP transaction can take (64*T1); waits give up after it
+BYE_WAIT = 5.0  # seconds to wait for the answer to our BYE (its retransmissions go on)
 
 
 class PhoneError(Exception):
@@ -297,8 +298,11 @@ class Call:
     async def hangup(self) -> CallStats:
         """End the call (CANCEL before answer, BYE after) and return its statistics."""
         if not self._ended.is_set():
+            answered = self._answered_at is not None
             await self.phone._do(lambda now: self.phone.ua.hangup(self.call_id, now))
-            with trio.move_on_after(GUARD):
+            # A BYE's answer is only politeness: a peer that has vanished must not hold the
+            # caller for 32 s. A CANCEL's 487 tells how the call ended: wait for it.
+            with trio.move_on_after(BYE_WAIT if answered else GUARD):
                 await self._ended.wait()
             if not self._ended.is_set():
                 self._end(None, "local")

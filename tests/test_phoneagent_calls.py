@@ -431,3 +431,85 @@ async def test_invite_without_sdp_is_refused_with_488() -> None:
                 statuses.append(response.status)
             sock.close()
     assert statuses[0] == 100 and statuses[-1] == 488
+
+
+async def raw_invite(
+    phone: Phone, sock: trio.socket.SocketType, rtp_port: int, *, call_id: str, pt: int = 8
+) -> None:
+    """An INVITE from a hand-made peer on `sock` offering only payload type `pt`."""
+    port = sock.getsockname()[1]
+    body = (
+        "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+        f"m=audio {rtp_port} RTP/AVP {pt}\r\na=sendrecv\r\n"
+    )
+    invite = (
+        f"INVITE {phone.uri} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{call_id};rport\r\n"
+        "Max-Forwards: 70\r\nFrom: <sip:raw@127.0.0.1>;tag=r1\r\n"
+        f"To: <{phone.uri}>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\n"
+        f"Contact: <sip:raw@127.0.0.1:{port}>\r\nContent-Type: application/sdp\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
+    )
+    await sock.sendto(invite.encode(), ("127.0.0.1", phone.port))
+
+
+def raw_ack(ok: SipResponse) -> bytes:
+    """The hand-made peer's ACK for the phone's 200 (RFC 3261 §13.2.2.4)."""
+    contact = ok.contacts[0].uri
+    via = ok.headers.get("Via") or ""
+    sent_by = via.split()[1].split(";")[0]
+    return (
+        f"ACK {contact} SIP/2.0\r\nVia: SIP/2.0/UDP {sent_by};branch=z9hG4bKack{ok.call_id}\r\n"
+        f"Max-Forwards: 70\r\nFrom: {ok.headers.get('From')}\r\nTo: {ok.headers.get('To')}\r\n"
+        f"Call-ID: {ok.call_id}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+async def test_pcma_only_caller_gets_a_law_from_the_port_in_our_sdp() -> None:
+    from shared.media.rtp import parse_rtp_untrusted
+    from shared.media.sdp import parse_sdp_untrusted
+
+    with trio.fail_after(GUARD):
+        async with open_phone(ext="2002") as b:
+            sip = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+            rtp = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+            await sip.bind(("127.0.0.1", 0))
+            await rtp.bind(("127.0.0.1", 0))
+            await raw_invite(b, sip, rtp.getsockname()[1], call_id="pcma1")
+            incoming = await b.next_call()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: incoming.answer(tone=1000))
+                answer = None
+                while answer is None:
+                    data, _ = await sip.recvfrom(65536)
+                    response = parse_message_untrusted(data)
+                    if isinstance(response, SipResponse) and response.status == 200:
+                        answer = parse_sdp_untrusted(response.body)
+                        await sip.sendto(raw_ack(response), ("127.0.0.1", b.port))
+            packet, source = await rtp.recvfrom(2048)
+            assert parse_rtp_untrusted(packet).payload_type == 8
+            assert source[1] == answer.media[0].port  # symmetric: sent from our SDP port
+            assert [c.encoding for _, c in answer.media[0].codecs()] == ["PCMA"]
+            assert incoming.stats().codec == "PCMA"
+            sip.close()
+            rtp.close()
+
+
+async def test_too_many_unanswered_calls_are_busy() -> None:
+    """Nobody takes calls from the phone: after its queue (16) fills, callers get 486."""
+    with trio.fail_after(GUARD):
+        async with open_phone(ext="2002") as b:
+            sip = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+            await sip.bind(("127.0.0.1", 0))
+            for n in range(17):
+                await raw_invite(b, sip, 9, call_id=f"flood{n}")
+            busy: list[str] = []
+            while not busy:
+                data, _ = await sip.recvfrom(65536)
+                response = parse_message_untrusted(data)
+                if isinstance(response, SipResponse) and response.status == 486:
+                    busy.append(response.call_id)
+            sip.close()
+            waiting = [await b.next_call() for _ in range(16)]
+    assert busy == ["flood16"]
+    assert [call.call_id for call in waiting] == [f"flood{n}" for n in range(16)]
