@@ -28,6 +28,8 @@ from remotehost.legs import Legs
 from remotehost.location import DB_NAME as LOCATION_DB
 from remotehost.location import Location, SqliteLocationStore, registration_entry
 from remotehost.mirror import DB_NAME, DirectoryMirror
+from remotehost.records import DB_NAME as RECORDS_DB
+from remotehost.records import CallLog, RecordStore
 from remotehost.sipservice import SipService
 from remotehost.uplink import SOFTWARE, Uplink, client_ssl_context
 from shared.aio.control import serve_control
@@ -105,6 +107,15 @@ class RemoteHost:
             main_host=config.trunk.main_host,
         )
         self.legs.controller = self.calls
+        # Call records (F15): on disk first, uploaded by the uplink while it is logged in.
+        self.records = CallLog(
+            RecordStore(data / RECORDS_DB),
+            office=config.office,
+            boot_id=self.boot_id,
+            wall_clock=time.time,
+        )
+        self.calls.listener = self.records
+        self.uplink.records = self.records
         self.sip.attach_calls(self.legs)
         self.uplink.call_handler = self.calls
         # Announcements (F8): to the phones through the SIP service, reports through the uplink.
@@ -160,6 +171,7 @@ class RemoteHost:
             ],
             "sip": self.sip.statistics(),
             "calls": self.calls.status(),
+            "call_records": self.records.status(),
         }
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -194,6 +206,7 @@ class RemoteHost:
             self.mirror.close()
             self.location_store.close()
             self.announcer.store.close()
+            self.records.store.close()
 
     async def _status(self, request: dict[str, Any]) -> Any:
         return await trio.to_thread.run_sync(self.status)

@@ -16,6 +16,7 @@ import random
 import secrets
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,6 +31,7 @@ from shared.wire.frame import ErrorCode
 from shared.wire.messages import (
     Announcement,
     AnnouncementReport,
+    CallRecordsAck,
     DirectoryAck,
     DirectoryDelta,
     DirectorySnapshot,
@@ -77,6 +79,16 @@ class AnnouncementHandler(Protocol):
 
     def directory_changed(self) -> None:
         """The directory mirror changed (who is pending may have)."""
+
+
+class RecordHandler(Protocol):
+    """The office's call records (remotehost/records.py), as the uplink sees them."""
+
+    async def upload(self, send: Callable[[Message], Awaitable[None]]) -> None:
+        """Upload records until cancelled (run once per login)."""
+
+    def on_ack(self, ack: CallRecordsAck) -> None:
+        """The main host stored records durably."""
 
 
 @dataclass
@@ -143,6 +155,7 @@ class Uplink:
         self._dirty_extensions: set[str] = set()
         self.call_handler: CallHandler | None = None
         self.announcements: AnnouncementHandler | None = None
+        self.records: RecordHandler | None = None
         self._next_channel = -1  # ours are odd: 1, 3, 5, ... (the main host's even)
         self._grants: dict[int, trio.MemorySendChannel[GrantReply]] = {}
 
@@ -351,6 +364,8 @@ class Uplink:
         )
         nursery.start_soon(self._report)
         nursery.start_soon(self._report_registrations)
+        if self.records is not None and self.conn is not None:
+            nursery.start_soon(self._upload_records, self.records, self.conn)
         if self.call_handler is not None:
             await self.call_handler.on_trunk_up(self.conn.session.media_key if self.conn else b"")
 
@@ -416,6 +431,15 @@ class Uplink:
             else:
                 update = None
 
+    async def _upload_records(self, records: RecordHandler, conn: TrunkConnection) -> None:
+        async def send(msg: Message) -> None:
+            await conn.send(msg)
+
+        try:
+            await records.upload(send)
+        except ConnectionLost:
+            pass  # the connection's task notices; the next login uploads again
+
     async def _on_call_message(self, channel: int, msg: Message) -> None:
         if isinstance(msg, GrantReply):
             waiting = self._grants.get(channel)
@@ -456,6 +480,8 @@ class Uplink:
                 self.announcements.directory_changed()
         elif isinstance(msg, Announcement) and self.announcements is not None:
             await self.announcements.on_announcement(msg)
+        elif isinstance(msg, CallRecordsAck) and self.records is not None:
+            await trio.to_thread.run_sync(self.records.on_ack, msg)
         else:
             log.debug("unhandled message %s", type(msg).__name__)
 
