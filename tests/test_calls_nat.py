@@ -147,3 +147,38 @@ def test_relay_drops_packets_that_do_not_authenticate(
         assert after["forwarded"] == before["forwarded"]
     finally:
         offices.stop()
+
+
+def test_a_full_wan_refuses_the_next_call_with_a_reason(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    lab = lab_factory(2, hosts=[REMOTE_HOST, "p1", "p2"])
+    offices = Offices(lab, tmp_path, 2)
+    try:
+        # Room for one G.711 call (92.8 kbit/s with headers) on office 2's WAN, not two.
+        offices.system.run_main("office", "set", "office2", "--wan-kbps", "150")
+        first_answer = offices.answer(2, 1)
+        offices.answer(2, 2)
+        first = offices.call_in_background(1, 1, "2001", "--duration", "8")
+        wait_until(
+            lambda: offices.system.office_status(2)["bandwidth"]["calls"] == 1,
+            15,
+            "the first call holds its share of office2's WAN",
+        )
+        second = offices.call(1, 2, "2002", "--duration", "2", timeout=30)
+        assert second.returncode != 0
+        output = second.stdout + second.stderr
+        assert "503" in output and "office2" in output and "WAN" in output, output
+        bandwidth = offices.system.office_status(2)["bandwidth"]
+        assert bandwidth["refused"] == 1
+        assert bandwidth["used_kbps"] == 92.8
+        code, out, err = finish(first, timeout=40)
+        assert code == 0, out + err
+        finish(first_answer)
+        # The call's end gave its share back.
+        wait_until(
+            lambda: offices.system.office_status(2)["bandwidth"]["used_kbps"] == 0, 10, "freed"
+        )
+    finally:
+        offices.stop()
+        print(offices.system.logs())
