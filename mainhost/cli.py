@@ -21,7 +21,7 @@ import trio
 from rich.console import Console, Group
 from rich.table import Table
 
-from mainhost import announce, pki
+from mainhost import announce, pki, records
 from mainhost.config import (
     ADMIN_KEY,
     CONFIG_NAME,
@@ -242,6 +242,57 @@ def cmd_announce(args: argparse.Namespace) -> int:
     print(f"announcement {sent.id} stored, for {where}; expires {when(sent.expires_at)}")
     print("the main host sends it to each office when it is online; see `mainhost announcements`")
     return 0
+
+
+def cmd_calls(args: argparse.Namespace) -> int:
+    if not (args.data / CONFIG_NAME).exists():
+        raise CliError(f"no main host in {args.data} (run `mainhost init` first, or give --data)")
+    store = records.CallRecordStore(args.data / records.DB_NAME)
+    try:
+        calls = store.calls(live=args.live, limit=args.limit)
+        gaps = store.gaps()
+    finally:
+        store.close()
+    now = time.time()
+    if args.csv is not None or args.format == "csv":
+        text = records.to_csv(calls, now)
+        if args.csv is None or str(args.csv) == "-":
+            sys.stdout.write(text)
+        else:
+            write_csv(args.csv, text)
+            print(f"{len(calls)} call(s) written to {args.csv}")
+        return 0
+    if args.json or args.format == "json":
+        print(json.dumps({"calls": [c.as_dict(now) for c in calls], "gaps": gaps}, indent=2))
+        return 0
+    table = Table("id", "state", "caller", "callee", "route", "offices", "started", "duration",
+                  "end")  # fmt: skip
+    for call in calls:
+        end = "" if call.status is None else f"{call.status or 'hangup'} {call.reason}".strip()
+        table.add_row(
+            call.id,
+            "active" if call.active else "ended",
+            call.caller,
+            call.callee,
+            call.route,
+            " ".join(call.offices),
+            when(call.started_at) if call.started_at else "",
+            f"{call.duration(now):.0f} s" if call.answered_at else "",
+            end,
+        )
+    Console().print(table)
+    for gap in gaps:
+        if gap["missing"]:
+            spans = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in gap["missing"])
+            print(f"gap: office {gap['office']} boot {gap['boot_id']}: records {spans} missing")
+    return 0
+
+
+def write_csv(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def cmd_announcements(args: argparse.Namespace) -> int:
@@ -491,6 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop delivering (also to phones registering later) after this long (default 1 day)",
     )
     p.set_defaults(func=cmd_announce)
+    p = sub.add_parser("calls", parents=[common], help="call records: finished and active calls")
+    p.add_argument("--live", action="store_true", help="only calls going on now")
+    p.add_argument("--json", action="store_true", help="machine-readable output (with gaps)")
+    p.add_argument("--csv", type=Path, metavar="FILE", help="export as CSV to FILE (- for stdout)")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--limit", type=int, metavar="N", help="only the newest N calls")
+    p.set_defaults(func=cmd_calls)
     p = sub.add_parser("announcements", parents=[common], help="announcements and who got them")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_announcements)

@@ -19,6 +19,8 @@ import trio
 from mainhost import pki
 from mainhost.announce import summaries
 from mainhost.config import MainHostConfig
+from mainhost.records import DB_NAME as CALLS_DB
+from mainhost.records import CallRecordStore
 from mainhost.store import DB_NAME, MainStore, Office
 from mainhost.trunk import SOFTWARE, OfficeLive, TrunkServer, server_ssl_context
 from shared.aio.control import serve_control
@@ -61,6 +63,7 @@ class MainHost:
         self.data = data
         self.config = config
         self.store = MainStore(data / DB_NAME)
+        self.records = CallRecordStore(data / CALLS_DB)
         self.started = time.time()
         self.trunk = TrunkServer(
             self.store,
@@ -69,6 +72,7 @@ class MainHost:
             heartbeat_interval=config.trunk.heartbeat_interval,
             dead_after=config.trunk.dead_after,
             free_login_failures=config.trunk.login_failures_before_delay,
+            records=self.records,
         )
         self.addresses: dict[str, Any] = {}
         self.stun_service: Any = None
@@ -106,6 +110,7 @@ class MainHost:
             ],
             "offices": offices,
             "announcements": summaries(self.store, now),
+            "call_records": {"gaps": [g for g in self.records.gaps() if g["missing"]]},
         }
 
     async def serve(
@@ -166,6 +171,7 @@ class MainHost:
                         await self.trunk.close_all("main host shutting down")
         finally:
             self.store.close()
+            self.records.close()
 
     async def _start_relay(self, nursery: trio.Nursery) -> None:
         """The media relay for calls between offices (F3), on the media port (UDP)."""

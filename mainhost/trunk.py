@@ -24,12 +24,14 @@ import trio
 
 from mainhost.announce import Announcer
 from mainhost.calls import CallRouter, OfficeRange
+from mainhost.records import CallRecordStore
 from mainhost.store import MainStore
 from shared.aio.trunk import ConnectionLost, TrunkConnection
 from shared.ratelimit import FailureThrottle
 from shared.wire.frame import ErrorCode
 from shared.wire.messages import (
     AnnouncementReport,
+    CallRecords,
     DirectoryAck,
     DirectorySnapshot,
     Message,
@@ -94,8 +96,10 @@ class TrunkServer:
         dead_after: float,
         free_login_failures: int = 3,
         wall_clock: Callable[[], float] = time.time,
+        records: CallRecordStore | None = None,
     ) -> None:
         self.store = store
+        self.records = records
         self.realm = realm
         self.ca_der = ca_der
         self.heartbeat_interval = heartbeat_interval
@@ -371,6 +375,11 @@ class TrunkServer:
                 await self._send_snapshot(live)
         elif isinstance(msg, AnnouncementReport):
             await self.announcer.on_report(live.name, msg)
+        elif isinstance(msg, CallRecords) and self.records is not None:
+            # F15: stored durably (unique by office, boot epoch, seq) before the ack.
+            acks = await trio.to_thread.run_sync(self.records.add, live.name, msg.records)
+            for ack in acks:
+                await live.conn.send(ack)
         else:
             log.debug("office %s sent %s, not handled here", live.name, type(msg).__name__)
 
