@@ -34,6 +34,8 @@ log = logging.getLogger("remotehost.announce")
 DB_NAME = "announcements.db"
 MAX_ANNOUNCEMENTS = 1000  # kept at once; the main host sends few, each with an expiry
 MAX_REASON = 200
+MAX_PARALLEL = 20  # MESSAGEs on their way at once: a big office must not flood the LAN
+REPORT_INTERVAL = 0.2  # seconds between two rounds of reports: outcomes are batched
 
 
 @dataclass
@@ -225,7 +227,9 @@ class Announcer:
         # At start, the phones registered before the restart get what they have not got.
         self._due: set[str] = set(self._registered)
         self._reports: set[str] = set()
+        self._reports_ready = trio.Event()
         self._wake = trio.Event()
+        self._slots = trio.Semaphore(MAX_PARALLEL)
         location.add_listener(self._on_location)
 
     def _on_location(self, ext: str, bindings: list[Binding]) -> None:
@@ -245,16 +249,21 @@ class Announcer:
             self._due |= {e for e in self._registered if self.book.concerns(announcement, e)}
             log.info("announcement %s: %r", announcement.id, announcement.text)
             await trio.to_thread.run_sync(self.store.add, announcement)
-        self._reports.add(announcement.id)
+        self._report(announcement.id)
         self._wake.set()
 
     def directory_changed(self) -> None:
         """Pending counts follow the directory: report again."""
-        self._reports |= set(self.book.announcements)
-        self._wake.set()
+        for announcement_id in self.book.announcements:
+            self._report(announcement_id)
+
+    def _report(self, announcement_id: str) -> None:
+        self._reports.add(announcement_id)
+        self._reports_ready.set()
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._report_loop)
             while True:
                 await self._wake.wait()
                 self._wake = trio.Event()
@@ -266,29 +275,37 @@ class Announcer:
                 for ext in sorted(due):
                     for announcement in self.book.start(ext, now):
                         nursery.start_soon(self._deliver_one, ext, announcement)
-                await self._send_reports()
 
     async def _deliver_one(self, ext: str, announcement: Announcement) -> None:
-        bindings = self.location.get(ext)
-        if not bindings:
-            self.book.abandon(announcement.id, ext)
-            return
-        errors = []
-        for binding in bindings:  # a phone with several contacts: one 2xx is enough
-            error = await self._deliver(binding, announcement, self._wall())
-            if error is None:
-                break
-            errors.append(error)
-        else:
-            error = errors[0]
+        async with self._slots:
+            bindings = self.location.get(ext)
+            if not bindings:
+                self.book.abandon(announcement.id, ext)
+                return
+            errors = []
+            for binding in bindings:  # a phone with several contacts: one 2xx is enough
+                error = await self._deliver(binding, announcement, self._wall())
+                if error is None:
+                    break
+                errors.append(error)
+            else:
+                error = errors[0]
         if self.book.finish(announcement.id, ext, error):
             await trio.to_thread.run_sync(self.store.record, announcement.id, ext, error)
             if error is None:
                 log.info("announcement %s delivered to %s", announcement.id, ext)
             else:
                 log.info("announcement %s not delivered to %s: %s", announcement.id, ext, error)
-            self._reports.add(announcement.id)
-            self._wake.set()
+            self._report(announcement.id)
+
+    async def _report_loop(self) -> None:
+        """Reports in rounds: a thousand phones answering make a few reports, not a thousand
+        (each report lists every extension)."""
+        while True:
+            await self._reports_ready.wait()
+            self._reports_ready = trio.Event()
+            await self._send_reports()
+            await trio.sleep(REPORT_INTERVAL)
 
     async def _send_reports(self) -> None:
         ids, self._reports = self._reports, set()

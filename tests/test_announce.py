@@ -769,3 +769,47 @@ async def test_reports_from_an_office_not_concerned_or_about_nothing_are_not_sto
     await announcer.on_report("lyon", AnnouncementReport(a.id, ["2001"], {}, ["2002"]))
     rows = await trio.to_thread.run_sync(company.store.announcement_reports)
     assert [(r["id"], r["office"]) for r in rows] == [(a.id, "lyon")]
+
+
+async def test_a_big_office_gets_bounded_parallel_deliveries_and_batched_reports(
+    tmp_path: Path,
+) -> None:
+    from remotehost import announce as remote_announce
+
+    location = Location()
+    phones = [str(3000 + n) for n in range(100)]
+    for ext in phones:
+        location.load([binding(ext)])
+    busy = 0
+    most = 0
+    reports: list[AnnouncementReport] = []
+
+    async def deliver(b: Binding, a: Wire, now: float) -> str | None:
+        nonlocal busy, most
+        busy += 1
+        most = max(most, busy)
+        await trio.sleep(0.01)
+        busy -= 1
+        return None
+
+    async def report(r: AnnouncementReport) -> bool:
+        reports.append(r)
+        return True
+
+    announcer = Announcer(
+        AnnouncementStore(tmp_path / "a.db"),
+        location,
+        deliver=deliver,
+        directory=lambda: phones,
+        wall_clock=lambda: NOW,
+    )
+    announcer.report_to = report
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(announcer.run)
+        await announcer.on_announcement(wire())
+        await wait_until(lambda: bool(reports) and len(reports[-1].delivered) == 100)
+        nursery.cancel_scope.cancel()
+    announcer.store.close()
+    assert most <= remote_announce.MAX_PARALLEL
+    assert len(reports) < 100  # rounds of reports, not one per phone
+    assert reports[-1].pending == []
