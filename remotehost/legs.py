@@ -597,10 +597,16 @@ class Legs:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            await trio.sleep_forever()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None  # stopping: no new task is taken any more
 
     def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
-        assert self._nursery is not None, "Legs.serve is not running"
+        """Run `fn` in the legs' nursery; nothing when it is not serving (shutting down)."""
+        nursery = self._nursery
+        if nursery is None:
+            return
 
         async def guarded() -> None:
             try:
@@ -608,7 +614,7 @@ class Legs:
             except Exception:  # one call's trouble must not stop the others
                 log.exception("call leg task failed")
 
-        self._nursery.start_soon(guarded)
+        nursery.start_soon(guarded)
 
     # -- the controller's factory --
 
