@@ -44,6 +44,10 @@ from tests.callhelpers import REALM as CALL_REALM
 from tests.callhelpers import SipPhone, open_office
 from tests.hosthelpers import (
     GUARD,
+    assert_one_line_error,
+    free_ports,
+    init_args,
+    mainhost,
     make_mainhost_data,
     make_remotehost_data,
     token_for,
@@ -813,3 +817,56 @@ async def test_a_big_office_gets_bounded_parallel_deliveries_and_batched_reports
     assert most <= remote_announce.MAX_PARALLEL
     assert len(reports) < 100  # rounds of reports, not one per phone
     assert reports[-1].pending == []
+
+
+@given(
+    delivered=st.lists(st.text(max_size=8), max_size=20),
+    failed=st.dictionaries(st.text(max_size=8), st.text(max_size=400), max_size=20),
+    pending=st.lists(st.text(max_size=8), max_size=20),
+)
+def test_any_report_an_office_sends_is_stored_bounded_and_summed(
+    delivered: list[str], failed: dict[str, str], pending: list[str]
+) -> None:
+    a = make(office="lyon")
+    row = report_row(a, "lyon", AnnouncementReport(a.id, delivered, failed, pending), NOW)
+    assert row is not None
+    out = summary(a, {"lyon": row}, {}, NOW)
+    (lyon,) = out["offices"]
+    assert lyon["delivered"] == len(set(delivered))
+    assert lyon["pending"] == len(set(pending))
+    assert lyon["failed"] == len(failed)
+    assert all(len(why) <= main_announce.MAX_REASON for why in lyon["failed_extensions"].values())
+
+
+# --- the commands, as an operator runs them ---
+
+
+def test_the_commands_store_list_and_refuse_bad_input_in_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "mh"
+    assert mainhost(*init_args(data, free_ports())).returncode == 0
+    for name, extensions in (("lyon", "2000-2099"), ("paris", "2100-2199")):
+        result = mainhost("office", "add", name, "--extensions", extensions, "--data", data)
+        assert result.returncode == 0, result.stderr
+    assert mainhost("phone", "add", "2001", "--data", data).returncode == 0
+    for args, needle in (
+        ([""], "text is empty"),
+        (["hi", "--office", "berlin"], "no office named 'berlin'"),
+        (["hi", "--ext", "2999"], "no phone with extension '2999'"),
+        (["hi", "--expires", "0"], "--expires must be a positive number"),
+        (["hi", "--expires", "-1"], "--expires must be a positive number"),
+    ):
+        assert_one_line_error(mainhost("announce", *args, "--data", data), needle)
+    listed = mainhost("announcements", "--json", "--data", data)
+    assert json.loads(listed.stdout) == [], "bad input stored something"
+    made = mainhost("announce", "lunch is served", "--ext", "2001", "--data", data)
+    assert made.returncode == 0, made.stderr
+    assert "for lyon (2001)" in made.stdout
+    (row,) = json.loads(mainhost("announcements", "--json", "--data", data).stdout)
+    assert (row["text"], row["extensions"], row["pending"]) == ("lunch is served", ["2001"], 1)
+    assert row["expires"] - row["created"] == main_announce.DEFAULT_EXPIRES
+    table = mainhost("announcements", "--data", data)
+    assert row["id"] in table.stdout and "lyon" in table.stdout
+    # Not running: `status --json` shows them from the database.
+    status = json.loads(mainhost("status", "--json", "--data", data).stdout)
+    assert status["running"] is False
+    assert [a["id"] for a in status["announcements"]] == [row["id"]]
