@@ -144,11 +144,12 @@ class _Output:
     async def show_messages(self, phone: Phone) -> None:
         shown = 0
         while True:
-            messages = await phone.wait_message(shown + 1)
-            for message in messages[shown:]:
+            kept = await phone.wait_message(shown + 1)
+            fresh = phone.messages_received - shown
+            for message in kept[-fresh:]:
                 if not self.as_json:
                     print(f"MESSAGE from {message.sender}: {message.text}", flush=True)
-            shown = len(messages)
+            shown = phone.messages_received
 
 
 def _record_path(record: str | None, index: int, count: int) -> Path | None:

@@ -24,6 +24,7 @@ It does not parse SDP (`negotiation.py`), do RTP (`media.py`) or print: the CLI 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
@@ -75,6 +76,7 @@ from shared.sip.uri import parse_host_port_untrusted
 log = logging.getLogger("phoneagent")
 Address = tuple[str, int]
 GUARD = 32.0  # seconds: longest a SIP transaction can take (64*T1); waits give up after it
+MAX_MESSAGES = 1000  # MESSAGEs a phone keeps
 BYE_WAIT = 5.0  # seconds to wait for the answer to our BYE (its retransmissions go on)
 
 
@@ -169,7 +171,7 @@ class Call:
         self._ended_by: str | None = None
         self._end_status: int | None = None
         self._cancel_media: trio.CancelScope | None = None
-        self._messages_at = len(phone.messages)
+        self._messages_at = phone.messages_received
 
     # -- state --
 
@@ -213,7 +215,7 @@ class Call:
             warning=self._failure.warning if self._failure else None,
             ended_by=self._ended_by,
             duration=round(end - self._answered_at, 3) if self._answered_at is not None else 0.0,
-            messages=[m.text for m in self.phone.messages[self._messages_at :]],
+            messages=self.phone._texts_since(self._messages_at),
         )
         if media_stats is not None:
             stats.codec = media_stats.codec
@@ -414,7 +416,9 @@ class Phone:
         self.server = server
         self.local_ip = local_ip
         self.register_expires = register_expires
-        self.messages: list[TextMessage] = []
+        self.messages: deque[TextMessage] = deque(maxlen=MAX_MESSAGES)
+        """The latest MESSAGEs received (bounded: a flood must not grow the agent)."""
+        self.messages_received = 0
         self.address: Address | None = None
         self._ua: UserAgent | None = None
         self._transport: SipTransport | None = None
@@ -540,6 +544,7 @@ class Phone:
         if isinstance(event, MessageReceived):
             log.info("MESSAGE from %s: %s", event.sender, event.text)
             self.messages.append(TextMessage(event.sender, event.content_type, event.text))
+            self.messages_received += 1
             self._message_event.set()
             self._message_event = trio.Event()
             return
@@ -664,16 +669,22 @@ class Phone:
         except UserAgentError as exc:
             raise PhoneError(str(exc)) from None
         await self._process(outputs)
-        with trio.fail_after(GUARD):
+        with trio.fail_after(GUARD + 5):  # the transaction reports 408 after GUARD at most
             while key not in self._delivered:
                 await self._delivery.wait()
         return self._delivered.pop(key).status
 
     async def wait_message(self, count: int = 1) -> list[TextMessage]:
-        """Until at least `count` MESSAGEs have arrived; returns them all."""
-        while len(self.messages) < count:
+        """Until at least `count` MESSAGEs have arrived since the phone started; returns the
+        ones kept (the latest MAX_MESSAGES)."""
+        while self.messages_received < count:
             await self._message_event.wait()
         return list(self.messages)
+
+    def _texts_since(self, received: int) -> list[str]:
+        """The texts of the MESSAGEs received after the first `received` (those still kept)."""
+        newer = self.messages_received - received
+        return [m.text for m in list(self.messages)[-newer:]] if newer > 0 else []
 
     async def aclose(self) -> None:
         """Hang up every call and unregister."""

@@ -513,3 +513,23 @@ async def test_too_many_unanswered_calls_are_busy() -> None:
             waiting = [await b.next_call() for _ in range(16)]
     assert busy == ["flood16"]
     assert [call.call_id for call in waiting] == [f"flood{n}" for n in range(16)]
+
+
+async def test_received_messages_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import phoneagent.phone
+
+    monkeypatch.setattr(phoneagent.phone, "MAX_MESSAGES", 3)
+    with trio.fail_after(GUARD):
+        async with open_phone(ext="2001") as a, open_phone(ext="2002") as b:
+            assert await a.send_text(b.uri, "before the call") == 200
+            call = await a.call(b.uri)
+            incoming = await answer_next(b)
+            await call.wait_answered()
+            for n in range(5):
+                assert await a.send_text(b.uri, f"text {n}") == 200
+            kept = await b.wait_message(6)
+            stats = incoming.stats()
+            await call.hangup()
+    assert b.messages_received == 6
+    assert [m.text for m in kept] == ["text 2", "text 3", "text 4"]
+    assert stats.messages == ["text 2", "text 3", "text 4"]  # the call's, as far as kept
