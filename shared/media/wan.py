@@ -14,7 +14,8 @@ Layout (16 header bytes, all of them authenticated as associated data)::
     +-------+----------+--------+----------+--------------+--------------------------+
 
     kind       1 media (an RTP or RTCP packet), 2 keepalive/probe (payload usually empty)
-    direction  0 remote host -> relay, 1 relay -> remote host
+    direction  0 remote host -> relay, 1 relay -> remote host; on a direct path between two
+               remote hosts (F4, §9b) 2 from the calling office's host, 3 from the called one's
     nonce      direction byte | 00 00 00 | counter (12 bytes)
 
 Every leg has its own AES key, ``HMAC-SHA256(media_key, "bpx-wan-leg-v1|" | leg)``. The login's
@@ -24,6 +25,11 @@ same (key, nonce), which in GCM leaks the XOR of the plaintexts and the authenti
 (NIST SP 800-38D §8). With it, a nonce is unique as long as one sender owns each
 (media key, leg, direction) and never sends a counter twice; the direction byte keeps the two
 senders of one leg apart. This is SRTP's answer too (RFC 3711 §4.1.1: the SSRC is in the IV).
+
+A direct path (F4) uses the same format under its own key, fresh from the main host for each
+call: each side tags its packets with the receiver's relay leg (so the receiver finds the call as
+it does for the relay's packets) and seals with its own direction byte, 2 or 3, so that the two
+senders never share a nonce even though both hold the same key.
 
 The per-packet cost is one dictionary look-up for the cached AESGCM object and one AEAD
 operation; deriving a leg key happens once per (key, leg).
@@ -40,6 +46,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = [
+    "DIRECTION_DIRECT_ANSWER",
+    "DIRECTION_DIRECT_OFFER",
     "DIRECTION_FROM_RELAY",
     "DIRECTION_TO_RELAY",
     "HEADER_SIZE",
@@ -52,8 +60,10 @@ __all__ = [
     "WanPacket",
     "WanPacketError",
     "open_untrusted",
+    "peek_direction_untrusted",
     "peek_leg_untrusted",
     "seal",
+    "seal_direct",
     "seal_keepalive",
 ]
 
@@ -61,6 +71,10 @@ KIND_MEDIA = 1
 KIND_KEEPALIVE = 2
 DIRECTION_TO_RELAY = 0
 DIRECTION_FROM_RELAY = 1
+DIRECTION_DIRECT_OFFER = 2
+"""Sealed by the calling office's remote host on a direct path (F4)."""
+DIRECTION_DIRECT_ANSWER = 3
+"""Sealed by the called office's remote host on a direct path (F4)."""
 KEY_SIZE = 32
 TAG_SIZE = 16
 _HEADER = struct.Struct("!BBHIQ")
@@ -123,6 +137,24 @@ def seal(
     direction). Raises ValueError for arguments out of range (our bug, not the peer's)."""
     if direction not in (DIRECTION_TO_RELAY, DIRECTION_FROM_RELAY):
         raise ValueError("direction must be 0 or 1")
+    return _seal(key, direction, leg, counter, payload, kind)
+
+
+def seal_direct(
+    key: bytes, direction: int, leg: int, counter: int, payload: bytes, *, kind: int = KIND_MEDIA
+) -> bytes:
+    """One packet on a direct path between two remote hosts (F4): `direction` is 2 or 3, `leg`
+    the receiver's relay leg, `key` the call's direct key. Same rules as `seal` otherwise.
+
+    Apart from `seal` so that a relay leg's code can never seal with a direct direction byte
+    by mistake, and the other way round.
+    """
+    if direction not in (DIRECTION_DIRECT_OFFER, DIRECTION_DIRECT_ANSWER):
+        raise ValueError("a direct path's direction is 2 or 3")
+    return _seal(key, direction, leg, counter, payload, kind)
+
+
+def _seal(key: bytes, direction: int, leg: int, counter: int, payload: bytes, kind: int) -> bytes:
     if kind not in (KIND_MEDIA, KIND_KEEPALIVE):
         raise ValueError("kind must be 1 (media) or 2 (keepalive)")
     if not 0 <= leg <= MAX_LEG:
@@ -147,6 +179,14 @@ def peek_leg_untrusted(packet: bytes) -> int:
     if len(packet) < OVERHEAD:
         raise WanPacketError(WanDefect.MALFORMED, "shorter than a sealed packet")
     return int.from_bytes(packet[4:8], "big")
+
+
+def peek_direction_untrusted(packet: bytes) -> int:
+    """The direction byte, before any cryptography, to choose the key (relay or direct);
+    raises only WanPacketError. Not authentic until `open_untrusted` has checked the tag."""
+    if len(packet) < OVERHEAD:
+        raise WanPacketError(WanDefect.MALFORMED, "shorter than a sealed packet")
+    return packet[1]
 
 
 def open_untrusted(key: bytes, packet: bytes, expected_direction: int) -> WanPacket:

@@ -559,3 +559,21 @@ class CallRecordsAck(Message):
     office: str
     boot_id: str
     up_to_seq: int
+
+
+# --- Direct media between offices (F4), on the call's channel -------------------------------
+
+
+@message(207)
+@dataclass(frozen=True, slots=True)
+class DirectPath(Message):
+    """Main host -> remote host: try this call's audio host to host (§9b). Both offices get
+    the same `key`; each is told the other's public address (as the relay latched it), the
+    other's relay leg to tag packets with, and its own direction byte (2 caller, 3 callee)."""
+
+    call_id: str
+    peer_ip: str
+    peer_port: int
+    peer_leg: int
+    key: bytes
+    direction: int
