@@ -90,23 +90,37 @@ def write_wav(path: str | Path, pcm: bytes) -> None:
 
 
 class WavRecorder:
-    """Collects what a call hears and writes it as a WAV file when closed."""
+    """Writes what a call hears to a WAV file as it comes (a long call is not kept in memory);
+    the header gets its final length when closed."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._chunks: list[bytes] = []
-        # Fail now, before the call, if the file cannot be written.
-        write_wav(self.path, b"")
+        self.samples = 0
+        try:
+            self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            raise AudioFileError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        self._wav = wave.open(self._file, "wb")  # noqa: SIM115 - closed in close()
+        self._wav.setnchannels(1)
+        self._wav.setsampwidth(2)
+        self._wav.setframerate(SAMPLE_RATE)
 
     def write(self, pcm: bytes) -> None:
-        self._chunks.append(pcm)
-
-    @property
-    def samples(self) -> int:
-        return sum(len(chunk) for chunk in self._chunks) // 2
+        if self._file.closed:
+            return
+        try:
+            self._wav.writeframesraw(pcm)
+        except OSError as exc:
+            raise AudioFileError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
+        self.samples += len(pcm) // 2
 
     def close(self) -> None:
-        write_wav(self.path, b"".join(self._chunks))
+        if self._file.closed:
+            return
+        try:
+            self._wav.close()  # patches the header with the real length
+        finally:
+            self._file.close()
 
 
 class AudioSource(Protocol):

@@ -240,7 +240,12 @@ class Call:
         except ValueError as exc:
             raise PhoneError(str(exc)) from None
         recorder = WavRecorder(record) if record is not None else None
-        media = await open_media_stream(self.phone.local_ip)
+        try:
+            media = await open_media_stream(self.phone.local_ip)
+        except BaseException:
+            if recorder is not None:
+                recorder.close()
+            raise
         media.source = source
         media.recorder = recorder
         self.media = media

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import wave
 from array import array
 from pathlib import Path
@@ -171,3 +172,19 @@ def test_sources_hand_out_20ms_frames(tmp_path: Path) -> None:
     assert isinstance(open_source(), SilenceSource)
     with pytest.raises(ValueError):
         open_source(play=path, tone=440)
+
+
+def test_recorder_streams_to_disk_and_closes_once(tmp_path: Path) -> None:
+    path = tmp_path / "long.wav"
+    recorder = WavRecorder(path)
+    frame = ToneGenerator(500).frame()
+    for _ in range(100):
+        recorder.write(frame)
+    # On disk already (but for the file's write buffer), not held in memory.
+    assert path.stat().st_size >= 100 * len(frame) - io.DEFAULT_BUFFER_SIZE
+    recorder.close()
+    recorder.close()
+    recorder.write(frame)  # after close: ignored
+    with wave.open(str(path)) as wav:
+        assert wav.getnframes() == 100 * 160
+    assert dominant_frequency(path) == 500
