@@ -482,6 +482,8 @@ class Phone:
     async def _handle(self, message: SipMessage, source: Source) -> None:
         if self._ua is None:
             return
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("<- %s:%d %s", *source.remote, message.start_line)
         await self._process(self._ua.receive(message, source, trio.current_time()))
 
     async def _do(self, action: Callable[[float], list[Output]]) -> None:
@@ -506,6 +508,9 @@ class Phone:
             return
         destination = output.destination
         message = output.message
+        if log.isEnabledFor(logging.DEBUG):
+            where = destination.remote if isinstance(destination, Source) else destination
+            log.debug("-> %s %s", where, message.start_line)
         try:
             if isinstance(destination, Source):
                 if isinstance(message, SipResponse):
@@ -562,6 +567,7 @@ class Phone:
         call = self._calls.get(call_id) if isinstance(call_id, str) else None
         if call is None:
             return
+        log.info("%s", event)
         if isinstance(event, CallProgress):
             call.progress.append(event.status)
             call._ringing.set()
