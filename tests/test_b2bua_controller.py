@@ -642,3 +642,10 @@ async def test_no_number_dialled_is_404_and_status_lists_live_calls() -> None:
             await w.controller.on_event(b, Disconnect())
             await w.ended()
         assert w.controller.status() == []
+
+
+async def test_a_trunk_loss_after_serve_stopped_is_harmless() -> None:
+    async with world() as w:
+        pass  # serve has stopped
+    await w.controller.on_trunk_down()  # the uplink's own clean-up comes after ours
+    assert w.controller.calls == {}
