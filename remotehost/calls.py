@@ -349,10 +349,18 @@ class CallController:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            await trio.sleep_forever()
+            try:
+                await trio.sleep_forever()
+            finally:
+                # Stopping: the nursery takes no new task once this body is left, and the
+                # uplink's last on_trunk_down comes from its own clean-up, after ours.
+                self._nursery = None
 
-    def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
-        assert self._nursery is not None, "CallController.serve is not running"
+    def _spawn(self, fn: Callable[[], Awaitable[None]]) -> bool:
+        """Run `fn` in the controller's nursery; False when it is not serving (stopping)."""
+        nursery = self._nursery
+        if nursery is None:
+            return False
 
         async def guarded() -> None:
             # One call's bug must not take every call of the office (and the service) down.
@@ -361,7 +369,13 @@ class CallController:
             except Exception:
                 log.exception("call control task failed")
 
-        self._nursery.start_soon(guarded)
+        try:
+            nursery.start_soon(guarded)
+        except RuntimeError:
+            # The nursery is closing (the remote host is shutting down and the uplink reports
+            # the trunk gone on its way out): nothing more to start.
+            return False
+        return True
 
     def status(self) -> list[dict[str, object]]:
         """The live calls, for `remotehost status`."""
@@ -396,7 +410,15 @@ class CallController:
         a.call = call
         self.calls[call.call_id] = call
         self._note(call.call_id, offer, call.kind, "started")
-        self._spawn(lambda: self._run(call))
+        if not self._spawn(lambda: self._run(call)):
+            await self._refuse_stopping(call)
+
+    async def _refuse_stopping(self, call: Call) -> None:
+        del self.calls[call.call_id]
+        refusal = Fail(503, "Service Unavailable (shutting down)")
+        self._note(call.call_id, call.offer, call.kind, "ended", refusal.status, refusal.reason)
+        await call.a.send(refusal)
+        call.a.close()
 
     def register_trunk_leg(
         self, channel: int, on_message: Callable[[Message], Awaitable[None]]
@@ -797,7 +819,8 @@ class CallController:
             leg.call = call
             self.calls[call.call_id] = call
             self._note(call.call_id, offer, call.kind, "started")
-            self._spawn(lambda: self._run(call))
+            if not self._spawn(lambda: self._run(call)):
+                await self._refuse_stopping(call)
 
     async def on_trunk_up(self, media_key: bytes) -> None:
         # F9: a new login has a new media key; the anchor's WAN legs take it at once.
