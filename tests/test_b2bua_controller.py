@@ -649,3 +649,8 @@ async def test_a_trunk_loss_after_serve_stopped_is_harmless() -> None:
         pass  # serve has stopped
     await w.controller.on_trunk_down()  # the uplink's own clean-up comes after ours
     assert w.controller.calls == {}
+    a = FakeLeg("caller")
+    w.register("202")
+    await w.controller.new_call(a, Offer("201", "202", OFFER))
+    assert a.got == [Fail(503, "Service Unavailable (shutting down)")]
+    assert w.controller.calls == {} and a.closed
