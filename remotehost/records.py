@@ -268,12 +268,15 @@ class CallLog:
         self.store.append([row])  # on disk before the call moves on (F15: never lost)
         self._wake.set()
 
-    def on_ack(self, ack: CallRecordsAck) -> None:
+    async def on_ack(self, ack: CallRecordsAck) -> None:
         if ack.office != self.recorder.office:
             log.error("main host acknowledged records of office %r, not ours", ack.office)
             return
-        self.acknowledged += self.store.acknowledge(ack.boot_id, ack.up_to_seq)
-        self._acked.set()
+        forgotten = await trio.to_thread.run_sync(
+            self.store.acknowledge, ack.boot_id, ack.up_to_seq
+        )
+        self.acknowledged += forgotten
+        self._acked.set()  # in the trio thread: trio's Event is not thread-safe
 
     async def upload(self, send: Send) -> None:
         """Send unacknowledged rows, one batch in flight, until cancelled (the trunk went down:

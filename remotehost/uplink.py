@@ -87,7 +87,7 @@ class RecordHandler(Protocol):
     async def upload(self, send: Callable[[Message], Awaitable[None]]) -> None:
         """Upload records until cancelled (run once per login)."""
 
-    def on_ack(self, ack: CallRecordsAck) -> None:
+    async def on_ack(self, ack: CallRecordsAck) -> None:
         """The main host stored records durably."""
 
 
@@ -481,7 +481,7 @@ class Uplink:
         elif isinstance(msg, Announcement) and self.announcements is not None:
             await self.announcements.on_announcement(msg)
         elif isinstance(msg, CallRecordsAck) and self.records is not None:
-            await trio.to_thread.run_sync(self.records.on_ack, msg)
+            await self.records.on_ack(msg)
         else:
             log.debug("unhandled message %s", type(msg).__name__)
 

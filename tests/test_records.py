@@ -241,7 +241,7 @@ async def test_upload_sends_until_acknowledged_and_resends_what_is_not(tmp_path:
         sent.append(msg)
         if answer.is_set():
             for ack in main.add("east", msg.records):
-                log.on_ack(ack)
+                await log.on_ack(ack)
 
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
@@ -279,7 +279,7 @@ async def test_upload_survives_a_lost_connection_and_goes_on_at_the_next(tmp_pat
     async def good(msg: Message) -> None:
         assert isinstance(msg, CallRecords)
         for ack in main.add("east", msg.records):
-            log.on_ack(ack)
+            await log.on_ack(ack)
 
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
@@ -291,13 +291,13 @@ async def test_upload_survives_a_lost_connection_and_goes_on_at_the_next(tmp_pat
     main.close()
 
 
-def test_an_ack_for_another_office_is_ignored(tmp_path: Path) -> None:
+async def test_an_ack_for_another_office_is_ignored(tmp_path: Path) -> None:
     store = RecordStore(tmp_path / "records.db")
     log = CallLog(store, office="east", boot_id="b", wall_clock=lambda: 5.0)
     log.call_event("c1", "started", caller="201", callee="202", direction="local")
-    log.on_ack(CallRecordsAck("west", "b", 10))
+    await log.on_ack(CallRecordsAck("west", "b", 10))
     assert store.pending_count() == 1
-    log.on_ack(CallRecordsAck("east", "b", 1))
+    await log.on_ack(CallRecordsAck("east", "b", 1))
     assert store.pending_count() == 0
     store.close()
 
