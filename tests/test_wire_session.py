@@ -1187,6 +1187,7 @@ class ClientMachine(SessionMachine):
     def __init__(self) -> None:
         super().__init__()
         self.ca_ok = False  # a Challenge with the pinned CA was accepted
+        self.challenge_nonce = SERVER_NONCE  # the nonce of the accepted Challenge
         self.good_login_ok = False  # a LoginOk with a valid proof and sane settings arrived
 
     def make_session(self) -> TrunkSession:
@@ -1219,6 +1220,7 @@ class ClientMachine(SessionMachine):
         if acceptable:
             assert self.session.state is State.LOGIN_SENT
             self.ca_ok = True
+            self.challenge_nonce = nonce
 
     @rule(
         good_proof=st.booleans(),
@@ -1238,7 +1240,7 @@ class ClientMachine(SessionMachine):
             and self.session._decoder.buffered == 0
         )
         proof = server_proof(
-            SECRET if good_proof else WRONG_SECRET, OFFICE, SERVER_NONCE, CLIENT_NONCE
+            SECRET if good_proof else WRONG_SECRET, OFFICE, self.challenge_nonce, CLIENT_NONCE
         )
         msg = good_login_ok(server_proof=proof, heartbeat_interval=interval, dead_after=dead_after)
         self._feed(encode_message(msg), split)
@@ -1258,7 +1260,10 @@ class ClientMachine(SessionMachine):
         if logins:
             # A proof is only ever computed for a main host whose CA matched the pin.
             assert self.ca_ok
-            assert logins[0].proof == good_login().proof
+            # The proof answers the nonce the challenge carried (16 bytes or more).
+            assert logins[0].proof == login_proof(
+                SECRET, OFFICE, self.challenge_nonce, CLIENT_NONCE
+            )
         if any(isinstance(e, LoggedIn) for e in self.events):
             assert self.good_login_ok
 
