@@ -272,3 +272,32 @@ def test_message_texts_are_printed_and_in_the_json() -> None:
         status, out, _ = finish(callee)
     assert status == 0
     assert "MESSAGE from sip:2009@127.0.0.1: second one" in out.splitlines()
+
+
+def _call_then_give_up(uri: str) -> tuple[int, list[int]]:
+    """From an API phone: call `uri`, hang up as soon as it rings; the final status and the
+    provisional ones seen."""
+    import trio
+
+    from phoneagent.phone import open_phone
+
+    async def main() -> tuple[int, list[int]]:
+        with trio.fail_after(TIMEOUT):
+            async with open_phone(ext="2010") as phone:
+                call = await phone.call(uri)
+                await call.wait_ringing()
+                stats = await call.hangup()
+                return stats.status or 0, call.progress
+
+    return trio.run(main)
+
+
+def test_a_caller_giving_up_while_it_rings_does_not_use_up_the_count() -> None:
+    with answering("--ring", "3", "--json") as (uri, callee):
+        status, progress = _call_then_give_up(uri)
+        assert (status, progress) == (487, [180])
+        assert callee.poll() is None  # still waiting for its one call
+        answered = phoneagent("call", uri, "--duration", "0.3", "--json")
+        code, out, _ = finish(callee)
+    assert answered.returncode == 0 and code == 0
+    assert one_json(out)["answered"]  # the one call it printed is the answered one

@@ -762,3 +762,27 @@ def test_cancelled_invite_without_any_final_answer_is_given_up() -> None:
     # The INVITE transaction itself cannot be dropped through the layer's API (see
     # UserAgent._abandon_invite): the one transaction left.
     assert len(a.agent.layer) == 1
+
+
+def test_183_session_progress_is_reported_like_ringing() -> None:
+    net, node, server = registering()
+    call_id, out = node.agent.invite("2002", b"v=0\r\n", net.now)
+    net.feed(node, out)
+    invite = server.take()
+    progress = make_response(invite, 183, to_tag="e", body=b"v=0 early\r\n",
+                             headers=[("Content-Type", "application/sdp")])  # fmt: skip
+    answer_from(net, node, progress, PROXY)
+    assert node.events == [CallProgress(call_id, 183, "Session Progress")]
+    assert node.agent.call_state(call_id) is CallState.EARLY
+
+
+def test_granted_time_is_our_contacts_not_another_phones() -> None:
+    net, node, server = registering()
+    net.feed(node, node.agent.register(net.now))
+    request = server.take()
+    ok = make_response(request, 200, to_tag="s", headers=[
+        ("Contact", "<sip:2001@192.0.2.9:5060>;expires=3600"),  # another device of 2001
+        ("Contact", "<sip:2001@127.0.0.1:5001>;expires=45"),
+    ])  # fmt: skip
+    answer_from(net, node, ok, PROXY)
+    assert node.events == [Registered(45)]
