@@ -271,7 +271,7 @@ class MediaRelay:
             name = sock.getsockname()
             self.address = (name[0], name[1])
             self._sock = sock
-            self._log.info("media relay on %s:%d", name[0], name[1])
+            self._log.debug("media relay on %s:%d", name[0], name[1])
             task_status.started(self.address)
             await self._receive_loop(sock)
         finally:

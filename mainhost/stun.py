@@ -119,7 +119,7 @@ async def serve_stun(
     with contextlib.ExitStack() as stack:
         sockets, addresses = _bind_all(stack, primary_ip, port, alternate_ip, alternate_port)
         service = StunService(StunServer(addresses, software=software, logger=log), sockets, log)
-        log.info("STUN service on %s", ", ".join(f"{a.ip}:{a.port}" for a in sockets))
+        log.debug("STUN service on %s", ", ".join(f"{a.ip}:{a.port}" for a in sockets))
         async with trio.open_nursery() as nursery:
             for local in sockets:
                 nursery.start_soon(service._receive_loop, local)

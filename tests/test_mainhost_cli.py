@@ -322,11 +322,6 @@ def test_api_port_in_use(data, ports):
     assert_one_line_error(result, "web API", str(ports.api), "in use", after_startup_logs=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serve starts the media relay (and STUN) before binding the API port, so their"
-    " start-up log lines precede the error: not yet 'bind everything, then start'",
-)
 def test_port_in_use_is_the_only_line(data, ports):
     with socket.socket() as squatter:
         squatter.bind((LOOPBACK, ports.api))
