@@ -22,7 +22,13 @@ _AMPLITUDE = 8000  # about -12 dBFS: loud enough to detect, far from clipping af
 
 
 class ToneGenerator:
-    """A sine of `frequency` Hz, handed out frame by frame with a continuous phase."""
+    """A sine of `frequency` Hz, handed out frame by frame with a continuous phase.
+
+    For a whole number of Hz the wave repeats exactly every sample_rate / gcd(frequency,
+    sample_rate) samples (at most one second): that cycle is computed once and frames are
+    slices of it, so a load test with a hundred tone-playing calls does not spend its CPU on
+    `math.sin`. Other frequencies are computed sample by sample.
+    """
 
     def __init__(
         self, frequency: float, *, sample_rate: int = SAMPLE_RATE, amplitude: int = _AMPLITUDE
@@ -33,17 +39,36 @@ class ToneGenerator:
         self.sample_rate = sample_rate
         self.amplitude = amplitude
         self._n = 0
+        self._cycle: bytes | None = None
+        if float(frequency).is_integer():
+            period = sample_rate // math.gcd(int(frequency), sample_rate)
+            self._cycle = self._compute(0, period)
 
-    def frame(self, samples: int = FRAME_SAMPLES) -> bytes:
-        """The next `samples` samples as little-endian signed 16-bit PCM."""
+    def _compute(self, start: int, samples: int) -> bytes:
         step = 2 * math.pi * self.frequency / self.sample_rate
-        start = self._n
         out = array(
             "h", (round(self.amplitude * math.sin(step * (start + i))) for i in range(samples))
         )
-        # Keep the index small: the sine repeats every sample_rate samples for integer Hz.
-        self._n = (start + samples) % (self.sample_rate * 1000)
         return pcm_bytes(out)
+
+    def frame(self, samples: int = FRAME_SAMPLES) -> bytes:
+        """The next `samples` samples as little-endian signed 16-bit PCM."""
+        start = self._n
+        cycle = self._cycle
+        if cycle is None:
+            # Keep the index small; exactness over hours does not matter for a test tone.
+            self._n = (start + samples) % (self.sample_rate * 1000)
+            return self._compute(start, samples)
+        period = len(cycle) // 2
+        self._n = (start + samples) % period
+        offset = 2 * start
+        wanted = 2 * samples
+        chunks = [cycle[offset : offset + wanted]]
+        have = len(chunks[0])
+        while have < wanted:
+            chunks.append(cycle[: wanted - have])
+            have += len(chunks[-1])
+        return b"".join(chunks)
 
 
 def pcm_bytes(samples: array[int]) -> bytes:

@@ -188,3 +188,13 @@ def test_recorder_streams_to_disk_and_closes_once(tmp_path: Path) -> None:
     with wave.open(str(path)) as wav:
         assert wav.getnframes() == 100 * 160
     assert dominant_frequency(path) == 500
+
+
+@pytest.mark.parametrize("frequency", [440, 1000, 3999, 7])
+def test_cached_cycle_equals_the_computed_wave(frequency: int) -> None:
+    cached = ToneGenerator(frequency)
+    assert cached._cycle is not None
+    for start in (0, 160, 7919):
+        cached._n = start % (len(cached._cycle) // 2)
+        assert cached.frame(2000) == cached._compute(start, 2000)
+    assert ToneGenerator(440.5)._cycle is None
