@@ -19,6 +19,10 @@ tasks, and nothing here is global.
 A phone owns a nursery (opened by `open_phone`, closed when it exits) because calls start
 media tasks that outlive the method that started them; nothing else gets that nursery.
 It does not parse SDP (`negotiation.py`), do RTP (`media.py`) or print: the CLI does.
+
+It is long (about 750 lines) because `Call` and `Phone` are two halves of one adapter: the
+phone turns user agent events into call state, and each call method goes back through the
+phone's single send path; split apart, each would reach into the other's internals.
 """
 
 from __future__ import annotations
