@@ -126,21 +126,11 @@ def init_args(data: Path, ports: Ports) -> list[str | Path]:
     ]
 
 
-def assert_one_line_error(
-    result: subprocess.CompletedProcess[str], *needles: str, after_startup_logs: bool = False
-) -> str:
-    """The operator-error contract: non-zero exit, ONE line on stderr, no traceback.
-
-    `after_startup_logs` accepts log lines of parts that had started before the failing one
-    (see the report: `serve` does not yet bind every port before starting anything); the error
-    must still be the last line, and the only one that says "error".
-    """
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """The operator-error contract: non-zero exit, ONE line on stderr, no traceback."""
     assert result.returncode != 0, result.stdout
     assert "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    if after_startup_logs:
-        assert lines and all(": error: " not in line for line in lines[:-1]), result.stderr
-        lines = lines[-1:]
     assert len(lines) == 1, result.stderr
     line = lines[0]
     for needle in needles:
