@@ -45,7 +45,7 @@ def build_app(host: MainHost) -> FastAPI:
 
     @app.get("/api/status", dependencies=[Depends(require_admin)])
     async def status() -> dict[str, Any]:
-        return await trio.to_thread.run_sync(host.status)
+        return await host.snapshot()
 
     @app.get("/api/offices/{name}/log", dependencies=[Depends(require_admin)])
     async def office_log(name: str) -> list[dict[str, Any]]:

@@ -78,8 +78,28 @@ class MainHost:
         self.stun_service: Any = None
         self.relay: Any = None
 
-    def status(self) -> dict[str, Any]:
+    def read_database(self) -> tuple[list[Office], list[dict[str, Any]], list[dict[str, Any]]]:
+        """What the status needs from sqlite: run in a worker thread (see `snapshot`)."""
         now = time.time()
+        return (
+            self.store.offices(),
+            summaries(self.store, now),
+            [g for g in self.records.gaps() if g["missing"]],
+        )
+
+    async def snapshot(self) -> dict[str, Any]:
+        """The status: the database read in a worker thread, the live state here in the trio
+        thread, which is the only one that changes it (reading it from a worker could see a
+        dict change size mid-iteration)."""
+        return self.status(await trio.to_thread.run_sync(self.read_database))
+
+    def status(
+        self,
+        database: tuple[list[Office], list[dict[str, Any]], list[dict[str, Any]]] | None = None,
+    ) -> dict[str, Any]:
+        """Call in the trio thread; without `database`, reads sqlite itself (blocking)."""
+        now = time.time()
+        stored, announcements, gaps = database or self.read_database()
         offices = [
             office_entry(
                 office,
@@ -87,7 +107,7 @@ class MainHost:
                 now,
                 self.trunk.calls.bandwidth(office.name),
             )
-            for office in self.store.offices()
+            for office in stored
         ]
         return {
             "running": True,
@@ -109,8 +129,8 @@ class MainHost:
                 for b in self.trunk.calls.live_calls()
             ],
             "offices": offices,
-            "announcements": summaries(self.store, now),
-            "call_records": {"gaps": [g for g in self.records.gaps() if g["missing"]]},
+            "announcements": announcements,
+            "call_records": {"gaps": gaps},
         }
 
     async def serve(
@@ -215,7 +235,7 @@ class MainHost:
 
     def _control_handlers(self) -> dict[str, Any]:
         async def status(request: dict[str, Any]) -> Any:
-            return await trio.to_thread.run_sync(self.status)
+            return await self.snapshot()
 
         return {"status": status}
 
