@@ -27,7 +27,7 @@ from remotehost.config import CA_NAME, CONFIG_NAME, SECRET_NAME, RemoteHostConfi
 from remotehost.legs import Legs
 from remotehost.location import DB_NAME as LOCATION_DB
 from remotehost.location import Location, SqliteLocationStore, registration_entry
-from remotehost.mirror import DB_NAME, DirectoryMirror
+from remotehost.mirror import DB_NAME, DirectoryMirror, MirrorInfo
 from remotehost.records import DB_NAME as RECORDS_DB
 from remotehost.records import CallLog, RecordStore
 from remotehost.sipservice import SipService
@@ -141,8 +141,10 @@ class RemoteHost:
             domains.update(str(a.ip).split("%")[0] for a in interface.ipv6)
         return domains
 
-    def status(self) -> dict[str, Any]:
-        info = self.mirror.info()
+    def status(self, info: MirrorInfo | None = None) -> dict[str, Any]:
+        """Call in the trio thread (it reads live state only that thread changes); without
+        `info`, reads the mirror's sqlite itself (blocking)."""
+        info = info or self.mirror.info()
         uplink = asdict(self.uplink.state)
         return {
             "running": True,
@@ -209,4 +211,4 @@ class RemoteHost:
             self.records.store.close()
 
     async def _status(self, request: dict[str, Any]) -> Any:
-        return await trio.to_thread.run_sync(self.status)
+        return self.status(await trio.to_thread.run_sync(self.mirror.info))
