@@ -18,6 +18,12 @@ behind another NAT or announce a private address), and from then on only that so
 WAN side, no source filter: a packet is ours when it authenticates for the call's leg and is not
 a replay, wherever it came from (the relay may answer from another address of a multi-homed
 host). Addresses on that side never move on unauthenticated input.
+
+Direct path (F4, docs/wire-protocol.md §9b): after `set_direct` the call also probes the other
+office's anchor from the same WAN socket (so the NAT mapping the relay saw is the one the peer
+is told about) and, once `remotehost.directpath` says both directions work, sends its audio
+there instead of to the relay. The relay leg stays as it was (keepalives go on), packets from
+both paths are accepted all the time, and the decision to fall back is the state machine's.
 """
 
 from __future__ import annotations
@@ -30,18 +36,24 @@ from typing import Any
 
 import trio
 
+from remotehost.directpath import DirectPathState, DirectPathTimers
 from shared.aio.dscp import set_dscp_ef
 from shared.media.rtp import is_rtp_or_rtcp
 from shared.media.wan import (
+    DIRECTION_DIRECT_ANSWER,
+    DIRECTION_DIRECT_OFFER,
     DIRECTION_FROM_RELAY,
     DIRECTION_TO_RELAY,
     KEY_SIZE,
     KIND_KEEPALIVE,
+    KIND_MEDIA,
     ReplayWindow,
     WanPacketError,
     open_untrusted,
+    peek_direction_untrusted,
     peek_leg_untrusted,
     seal,
+    seal_direct,
     seal_keepalive,
 )
 
@@ -93,6 +105,19 @@ class CallMediaStatistics:
     send_failures: int
     phone_address: tuple[str, int] | None
     latched: bool
+    media_path: str = "relayed"
+    """Where outgoing audio goes now: "relayed" or "direct" (F4)."""
+    direct_packets_out: int = 0
+    """Media sent on the direct path (not counted in `wan_packets_out`, which is the relay's)."""
+    direct_packets_in: int = 0
+    """Authentic, fresh media from the other office directly (not in `wan_packets_in`)."""
+    direct_probes_sent: int = 0
+    direct_probes_in: int = 0
+    direct_switches: int = 0
+    """Times outgoing audio moved to the direct path."""
+    direct_fallbacks: int = 0
+    """Times it moved back to the relay."""
+    direct_peer: tuple[str, int] | None = None
 
 
 class CallMedia:
@@ -129,6 +154,19 @@ class CallMedia:
         self._dropped_not_rtp = 0
         self._dropped_no_route = 0
         self._send_failures = 0
+        # F4: the direct path, once the main host has sent DirectPath.
+        self._direct: DirectPathState | None = None
+        self._direct_key = b""
+        self._direct_direction = 0
+        self._direct_peer_leg = 0
+        self._direct_peer: Address | None = None
+        self._direct_tx = 0
+        self._direct_window = ReplayWindow()
+        self._direct_kick = trio.Event()
+        self._direct_packets_out = 0
+        self._direct_packets_in = 0
+        self._direct_probes_sent = 0
+        self._direct_probes_in = 0
 
     # -- control --
 
@@ -170,6 +208,36 @@ class CallMedia:
         self._anchor._log.debug("call %s: new media key for leg %d", self.call_id, self.leg)
         self._send_keepalive()
 
+    def set_direct(self, peer: tuple[str, int], peer_leg: int, key: bytes, direction: int) -> None:
+        """Try the direct path to the other office's anchor at `peer` (an IP address and
+        port, from DirectPath): probe it, and send audio there once both ways work.
+
+        A DirectPath again with the same key changes nothing; a new key (the main host saw an
+        address move) starts over with a fresh counter, fast probing and the new address.
+        """
+        if self._closed or (self._direct is not None and key == self._direct_key):
+            return
+        if len(key) != KEY_SIZE:
+            raise ValueError(f"a direct key is {KEY_SIZE} bytes, not {len(key)}")
+        if direction not in (DIRECTION_DIRECT_OFFER, DIRECTION_DIRECT_ANSWER):
+            raise ValueError("a direct path's direction is 2 or 3")
+        self._direct_peer = (str(ipaddress.ip_address(peer[0])), peer[1])
+        self._direct_peer_leg = peer_leg
+        self._direct_key = key
+        self._direct_direction = direction
+        self._direct_tx = 0  # a fresh key: its nonces start anew
+        self._direct_window = ReplayWindow()
+        self._direct = DirectPathState(trio.current_time(), self._anchor.direct_timers)
+        self._anchor._log.info(
+            "call %s: trying the direct path to %s:%d", self.call_id, *self._direct_peer
+        )
+        self._direct_kick.set()
+
+    @property
+    def media_path(self) -> str:
+        """Where outgoing audio goes now: "relayed" or "direct" (F4)."""
+        return "direct" if self._direct is not None and self._direct.direct else "relayed"
+
     def close(self) -> None:
         """Stop relaying and release the phone socket (the call's task closes it)."""
         if self._closed:
@@ -199,6 +267,16 @@ class CallMedia:
             send_failures=self._send_failures,
             phone_address=phone,
             latched=self._latched,
+            media_path=self.media_path,
+            direct_packets_out=self._direct_packets_out,
+            direct_packets_in=self._direct_packets_in,
+            direct_probes_sent=self._direct_probes_sent,
+            direct_probes_in=self._direct_probes_in,
+            direct_switches=0 if self._direct is None else self._direct.switches_to_direct,
+            direct_fallbacks=0 if self._direct is None else self._direct.fallbacks,
+            direct_peer=None
+            if self._direct_peer is None
+            else (self._direct_peer[0], self._direct_peer[1]),
         )
 
     # -- packets --
@@ -240,6 +318,10 @@ class CallMedia:
             self._dropped_wrong_source += 1
             return
         self._phone_packets_in += 1
+        direct = self._direct
+        if direct is not None and direct.direct and self._send_direct(data, now=None):
+            self._direct_packets_out += 1
+            return
         if self.leg is None or self.relay is None:
             self._dropped_no_route += 1
             return
@@ -247,6 +329,95 @@ class CallMedia:
         self._tx_counter += 1
         if self._send_wan(packet):
             self._wan_packets_out += 1
+
+    def _send_direct(self, payload: bytes, *, now: float | None, probe: bool = False) -> bool:
+        """Seal `payload` for the peer and send it on the direct path; False if it failed."""
+        direct, peer = self._direct, self._direct_peer
+        assert direct is not None and peer is not None
+        now = trio.current_time() if now is None else now
+        kind = KIND_KEEPALIVE if probe else KIND_MEDIA
+        packet = seal_direct(
+            self._direct_key,
+            self._direct_direction,
+            self._direct_peer_leg,
+            self._direct_tx,
+            payload,
+            kind=kind,
+        )
+        self._direct_tx += 1
+        direct.on_sent(now)
+        try:
+            self._anchor._wan_send(packet, peer)
+        except OSError:
+            self._send_failures += 1
+            return False
+        return True
+
+    def _send_probe(self, now: float) -> None:
+        direct = self._direct
+        assert direct is not None
+        # §9b: one byte, 1 when we have heard the peer lately (it may then trust the path).
+        flag = b"\x01" if direct.hears_peer(now) else b"\x00"
+        if self._send_direct(flag, now=now, probe=True):
+            self._direct_probes_sent += 1
+
+    def _from_wan(self, data: bytes, source: Address) -> None:
+        """A packet tagged with our leg: from the relay (direction 1) or, on a direct path,
+        from the other office (its direction byte, 2 or 3)."""
+        try:
+            direction = peek_direction_untrusted(data)
+        except WanPacketError:
+            self._dropped_bad_auth += 1
+            return
+        if direction == DIRECTION_FROM_RELAY or self._direct is None:
+            self._from_relay(data)
+            return
+        peer_direction = DIRECTION_DIRECT_OFFER + DIRECTION_DIRECT_ANSWER - self._direct_direction
+        try:
+            _, counter, kind, payload = open_untrusted(self._direct_key, data, peer_direction)
+        except WanPacketError:
+            self._dropped_bad_auth += 1
+            return
+        if not self._direct_window.accept(counter):
+            self._dropped_replay += 1
+            return
+        now = trio.current_time()
+        if source != self._direct_peer:
+            # Only an authentic, fresh packet moves the address (as at the relay): the peer's
+            # NAT may map its socket elsewhere toward us than toward the relay.
+            self._anchor._log.info(
+                "call %s: direct peer answers from %s, not %s", self.call_id, source,
+                self._direct_peer,
+            )  # fmt: skip
+            self._direct_peer = (source[0], source[1])
+        was_direct = self._direct.direct
+        if kind == KIND_KEEPALIVE:
+            self._direct_probes_in += 1
+            self._direct.on_packet(now, peer_hears_us=payload[:1] == b"\x01")
+        else:
+            # The peer sends media directly only once it has confirmed the path both ways.
+            self._direct.on_packet(now, peer_hears_us=True)
+        if was_direct != self._direct.direct:
+            self._log_path()
+        self._direct_kick.set()
+        if kind == KIND_KEEPALIVE:
+            return
+        self._direct_packets_in += 1
+        self._to_phone(payload)
+
+    def _log_path(self) -> None:
+        self._anchor._log.info("call %s: audio now %s", self.call_id, self.media_path)
+
+    def _to_phone(self, payload: bytes) -> None:
+        if self._phone is None:
+            self._dropped_no_route += 1
+            return
+        try:
+            self._sock.sendto(payload, self._phone)
+        except OSError:
+            self._send_failures += 1
+            return
+        self._phone_packets_out += 1
 
     def _from_relay(self, data: bytes) -> None:
         try:
@@ -261,15 +432,7 @@ class CallMedia:
             self._keepalives_in += 1
             return
         self._wan_packets_in += 1
-        if self._phone is None:
-            self._dropped_no_route += 1
-            return
-        try:
-            self._sock.sendto(payload, self._phone)
-        except OSError:
-            self._send_failures += 1
-            return
-        self._phone_packets_out += 1
+        self._to_phone(payload)
 
     # -- the call's task --
 
@@ -279,6 +442,7 @@ class CallMedia:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._keepalive_loop, keepalive_interval)
                     nursery.start_soon(self._resolve_loop, keepalive_interval)
+                    nursery.start_soon(self._direct_loop)
                     await self._phone_loop()
         finally:
             self._sock.close()
@@ -308,6 +472,26 @@ class CallMedia:
                 await trio.sleep(interval)
             elif trio.current_time() >= self._last_wan_send + interval:
                 self._send_keepalive()
+
+    async def _direct_loop(self) -> None:
+        # Probes on the direct path's timer, and the silence check that makes us fall back.
+        while True:
+            direct = self._direct
+            if direct is None:
+                await self._direct_kick.wait()
+            else:
+                with trio.move_on_at(direct.get_timer()):
+                    await self._direct_kick.wait()
+            self._direct_kick = trio.Event()
+            direct = self._direct
+            if direct is None:
+                continue
+            now = trio.current_time()
+            was_direct = direct.direct
+            if direct.handle_timer(now):
+                self._send_probe(now)
+            if was_direct != direct.direct:
+                self._log_path()
 
     async def _resolve_loop(self, retry_interval: float) -> None:
         while True:
@@ -352,6 +536,7 @@ class MediaAnchor:
         *,
         wan_ip: str = "0.0.0.0",
         keepalive_interval: float = KEEPALIVE_INTERVAL,
+        direct_timers: DirectPathTimers | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         self.phone_side_ip = str(ipaddress.ip_address(phone_side_ip))
@@ -362,6 +547,7 @@ class MediaAnchor:
         self.wan_port = 0
         """The WAN socket's port, once `serve` has started."""
         self.keepalive_interval = keepalive_interval
+        self.direct_timers = direct_timers or DirectPathTimers()
         self._log = logger or logging.getLogger(__name__)
         self._wan_sock: socket.socket | None = None
         self._nursery: trio.Nursery | None = None
@@ -457,7 +643,7 @@ class MediaAnchor:
             await trio.lowlevel.wait_readable(sock)
             for _ in range(_BATCH):
                 try:
-                    data, _source = sock.recvfrom(_RECEIVE_SIZE)
+                    data, source = sock.recvfrom(_RECEIVE_SIZE)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError:
@@ -471,6 +657,6 @@ class MediaAnchor:
                 if media is None:
                     self._dropped_unknown_leg += 1
                     continue
-                media._from_relay(data)
+                media._from_wan(data, source)
             else:
                 await trio.lowlevel.checkpoint()
