@@ -97,9 +97,13 @@ def ago(timestamp: float | None, now: float) -> str:
 
 
 def make_private_dir(path: Path) -> None:
-    """Create a data directory (mode 0700) or raise CliError naming it."""
+    """Create a data directory (mode 0700) or raise CliError naming it.
+
+    An existing directory is made private too: it will hold secrets (keys, the office secret).
+    """
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.chmod(0o700)
     except OSError as exc:
         raise CliError(f"cannot create data directory {path}: {exc.strerror}") from None
     if not os.access(path, os.W_OK):
