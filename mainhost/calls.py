@@ -7,15 +7,23 @@ message comes in on one side goes out on the other, until a CallEnd. Calls are k
 public address, a short outage): messages go to the office's current connection, and the relay
 takes the office's new media key. A call whose office stays away longer than `grace` is ended.
 
+F4, direct media: once the relay has latched both legs of a call (it has authenticated packets
+from both anchors, so it knows their public addresses), both offices get a DirectPath naming the
+other's address and a fresh key, unless either office's NAT type (RFC 3489 probe) makes hole
+punching hopeless. The relay legs stay in place: they are the fallback (docs/wire-protocol.md
+§9b). Which path a call's audio takes is read from the relay's counters: media still arriving
+there means it is relayed.
+
 Policy lives here (who may call what, where a number lives); the trunk server only delivers.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -27,6 +35,7 @@ from shared.wire.messages import (
     CallInfo,
     CallProgress,
     CallSetup,
+    DirectPath,
     GrantReply,
     GrantRequest,
     MediaLeg,
@@ -35,6 +44,11 @@ from shared.wire.messages import (
 
 log = logging.getLogger("mainhost.calls")
 BRIDGED = (CallProgress, CallAnswer, CallHold, CallInfo)
+# RFC 3489 §10.1 NAT types (pystun3's names) behind which hole punching works when both sides
+# send: the mapping does not depend on the destination, so the address the relay saw is the one
+# the other office must reach. Symmetric NAT, a blocked or failed probe, "unknown": don't try.
+PUNCHABLE = frozenset({"Open Internet", "Full Cone", "Restric NAT", "Restric Port NAT"})
+DIRECT_CHECK_INTERVAL = 0.25
 
 
 class Relay(Protocol):
@@ -68,6 +82,13 @@ class Bridge:
     answered: bool = False
     orphaned_since: dict[str, float] = field(default_factory=dict)
     cost_kbps: float = 0.0  # reserved on both offices' WAN budgets while the call lasts
+    direct_for: tuple[object, object] | None = None
+    """F4: the two legs' relay addresses that the last DirectPath was sent for."""
+    direct_skipped: str = ""
+    """F4: why no DirectPath was sent (an office's NAT type), for status."""
+    media_path: str = "relayed"
+    """F4: "direct" when DirectPath went out and the relay carried none of its media lately."""
+    relay_media: int = -1  # media packets the relay took for this call, at the last check
 
     def other(self, side: tuple[str, int]) -> tuple[str, int] | None:
         return self.b if side == self.a else self.a
@@ -107,6 +128,12 @@ class CallRouter:
         self.calls_routed = 0
         self.calls_refused = 0
         self.budgets: dict[str, OfficeBudget] = {}
+        self.direct_media = True
+        """F4: offer calls between offices a direct path (the relay stays as the fallback)."""
+        self.nat_type_of: Callable[[str], str] = lambda office: "unknown"
+        """F4: an office's NAT type from its STUN probe (set by the service)."""
+        self.direct_offered = 0
+        self.direct_skipped = 0
 
     def set_budget(self, office: str, kbps: int) -> None:
         """The office's WAN voice budget (changeable while calls run: they keep their share)."""
@@ -297,10 +324,79 @@ class CallRouter:
             "refused": budget.refused,
         }
 
+    async def check_direct_paths(self) -> None:
+        """F4: offer a direct path to calls whose relay legs both have an address (again when
+        one moved), and note which path each call's audio takes."""
+        # The relay's query (mainhost.relay.MediaRelay.query); a relay without it (a test's
+        # fake) gets no direct paths.
+        query: Callable[[str], dict[str, Any]] | None = getattr(self.relay, "query", None)
+        if query is None:
+            return
+        for bridge in self.live_calls():
+            try:
+                media = query(bridge.call_id)
+            except KeyError:
+                continue
+            offer, answer = media.get("offer"), media.get("answer")
+            if bridge.b is None or offer is None or answer is None:
+                continue
+            relayed = sum(leg["packets_in"] - leg["keepalives_in"] for leg in (offer, answer))
+            if bridge.direct_for is None or relayed != bridge.relay_media:
+                bridge.media_path = "relayed"
+            else:
+                bridge.media_path = "direct"
+            bridge.relay_media = relayed
+            pair = (offer["address"], answer["address"])
+            if not self.direct_media or None in pair or pair == bridge.direct_for:
+                continue
+            # Asked again at every check: an office's NAT type is known only some seconds
+            # after its login (its STUN probe), and may change at the next one.
+            refusal = self._direct_refusal(bridge.a[0], bridge.b[0])
+            if refusal:
+                if refusal != bridge.direct_skipped:
+                    self.direct_skipped += 1
+                    log.info("call %s: relayed only (%s)", bridge.call_id, refusal)
+                bridge.direct_skipped = refusal
+                continue
+            bridge.direct_skipped = ""
+            await self._offer_direct(bridge, offer, answer)
+            bridge.direct_for = pair
+
+    def _direct_refusal(self, *offices: str) -> str:
+        """Why hole punching is hopeless between these offices, or "" when it is worth a try."""
+        for office in offices:
+            nat = self.nat_type_of(office)
+            if nat not in PUNCHABLE:
+                return f"office {office}'s NAT: {nat}"
+        return ""
+
+    async def _offer_direct(
+        self, bridge: Bridge, offer: dict[str, Any], answer: dict[str, Any]
+    ) -> None:
+        assert bridge.b is not None
+        # §9b: one key for both sides, fresh each time (each side's counter starts at 0 again);
+        # the direction bytes 2 and 3 keep the two senders' nonces apart.
+        key = secrets.token_bytes(32)
+        (a_ip, a_port), (b_ip, b_port) = offer["address"], answer["address"]
+        call_id = bridge.call_id
+        to_a = DirectPath(call_id, str(b_ip), int(b_port), answer["leg"], key, 2)
+        to_b = DirectPath(call_id, str(a_ip), int(a_port), offer["leg"], key, 3)
+        await self._send(bridge.a[0], to_a, bridge.a[1])
+        await self._send(bridge.b[0], to_b, bridge.b[1])
+        self.direct_offered += 1
+        log.info(
+            "call %s: direct path offered (%s:%s <-> %s:%s)", call_id, a_ip, a_port, b_ip, b_port
+        )
+
     async def watch(self, interval: float = 1.0) -> None:
+        next_reap = trio.current_time() + interval
         while True:
-            await trio.sleep(interval)
-            await self.reap(trio.current_time())
+            await trio.sleep(min(interval, DIRECT_CHECK_INTERVAL))
+            await self.check_direct_paths()
+            now = trio.current_time()
+            if now >= next_reap:
+                next_reap = now + interval
+                await self.reap(now)
 
 
 def _cheapest(codecs: list[str]) -> float:

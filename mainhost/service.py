@@ -125,6 +125,8 @@ class MainHost:
                     "to_office": b.b[0] if b.b else None,
                     "answered": b.answered,
                     "media": self.relay.query(b.call_id) if self.relay else None,
+                    "media_path": b.media_path,  # F4: "relayed" or "direct"
+                    "direct_skipped": b.direct_skipped or None,
                 }
                 for b in self.trunk.calls.live_calls()
             ],
@@ -211,6 +213,9 @@ class MainHost:
             raise bind_error("media relay", listen, port, "udp", exc) from None
         self.relay = relay
         self.trunk.calls.relay = relay
+        # F4: direct paths are offered only where both offices' NAT types allow them.
+        trunk = self.trunk
+        trunk.calls.nat_type_of = lambda o: getattr(trunk.online.get(o), "nat_type", "unknown")
         self.trunk.calls.relay_port = address[1]
         self.addresses["media"] = f"{address[0]}:{address[1]}/udp"
 

@@ -48,7 +48,7 @@ from shared.media.sdp import (
     parse_sdp_untrusted,
     with_next_version,
 )
-from shared.wire.messages import CallSetup, GrantReply, Message
+from shared.wire.messages import CallSetup, DirectPath, GrantReply, Message
 
 log = logging.getLogger("remotehost.calls")
 
@@ -388,6 +388,10 @@ class CallController:
                 "state": call.state,
                 "forks": len(call.b),
                 "anchored": call.media is not None,
+                # F4: "relayed" or "direct", and the anchor's counters (packets direct and
+                # relayed); getattr: the MediaCall fakes of tests need not have them.
+                "media_path": getattr(call.media, "media_path", None),
+                "media": _media_statistics(call.media),
             }
             for call in list(self.calls.values())
         ]
@@ -800,6 +804,15 @@ class CallController:
     # --- the trunk ---
 
     async def on_trunk_message(self, channel: int, msg: Message) -> None:
+        if isinstance(msg, DirectPath):  # F4: for the call's anchor, not its legs
+            call = self.calls.get(msg.call_id)
+            set_direct = getattr(call.media, "set_direct", None) if call else None
+            try:
+                if set_direct is not None:
+                    set_direct((msg.peer_ip, msg.peer_port), msg.peer_leg, msg.key, msg.direction)
+            except ValueError as exc:  # a bad key or address: the relay carries on alone
+                log.warning("call %s: DirectPath refused: %s", msg.call_id, exc)
+            return
         handle = self._trunk_legs.get(channel)
         if handle is not None:
             await handle(msg)
@@ -933,3 +946,11 @@ async def _ip_of(host: str, port: int) -> str | None:
     except OSError:
         return None
     return str(found[0][4][0]) if found else None
+
+
+def _media_statistics(media: object) -> dict[str, object] | None:
+    """The anchor's counters of one call, for status (F4: direct and relayed packets)."""
+    statistics = getattr(media, "statistics", None)
+    if statistics is None:
+        return None
+    return dict(vars(statistics()))

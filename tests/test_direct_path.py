@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from mainhost.calls import CallRouter
 from mainhost.relay import MediaRelay
 from remotehost.anchor import CallMedia, MediaAnchor
 from remotehost.directpath import DirectPathState, DirectPathTimers, PathState
@@ -36,7 +37,9 @@ from shared.media.wan import (
     seal,
     seal_direct,
 )
+from shared.wire.messages import CallSetup, DirectPath
 from tests.test_anchor import Phone
+from tests.test_callrouter import FakeRelay, Net, make
 from tests.test_relay import LOOPBACK, rtp, start_relay, wait_for
 
 T = DirectPathTimers()
@@ -481,3 +484,150 @@ async def test_probes_carry_whether_we_hear_the_peer() -> None:
                     break
         assert pair.path("a") == "relayed"  # we hear it, it has not said it hears us
         nursery.cancel_scope.cancel()
+
+
+# --- the main host's side: when DirectPath goes out (mainhost.calls) --------------------------
+
+
+class QueryRelay(FakeRelay):
+    """The call router's fake relay, with `query` as mainhost.relay answers it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.addresses: dict[str, tuple[str, int] | None] = {"berlin": None, "lisbon": None}
+        self.media_in = 0
+
+    def query(self, call_id: str) -> dict[str, Any]:
+        if call_id not in self.legs:
+            raise KeyError(call_id)
+        (office_a, leg_a), (office_b, leg_b) = self.legs[call_id][:2]
+
+        def leg(office: str, leg_id: int) -> dict[str, Any]:
+            return {
+                "leg": leg_id,
+                "office": office,
+                "address": self.addresses[office],
+                "packets_in": self.media_in + 3,
+                "keepalives_in": 3,
+            }
+
+        return {"call_id": call_id, "offer": leg(office_a, leg_a), "answer": leg(office_b, leg_b)}
+
+
+NATS = {"berlin": "Restric Port NAT", "lisbon": "Full Cone"}
+
+
+async def routed_call(nats: dict[str, str] | None = None) -> tuple[CallRouter, Net, QueryRelay]:
+    router, net, _ = make()
+    relay = QueryRelay()
+    router.relay = relay
+    types = NATS if nats is None else nats
+    router.nat_type_of = lambda office: types.get(office, "unknown")
+    await router.on_message("berlin", 1, CallSetup("c1", "2001", "3001", ["PCMU/8000"]))
+    return router, net, relay
+
+
+def direct_paths(net: Net, office: str) -> list[DirectPath]:
+    return [m for _, m in net.to(office) if isinstance(m, DirectPath)]
+
+
+async def test_direct_path_waits_for_both_addresses() -> None:
+    router, net, relay = await routed_call()
+    await router.check_direct_paths()
+    relay.addresses["berlin"] = ("198.51.100.7", 40000)
+    await router.check_direct_paths()
+    assert direct_paths(net, "berlin") == direct_paths(net, "lisbon") == []
+
+
+async def test_both_offices_get_the_other_address_one_key_and_their_direction() -> None:
+    router, net, relay = await routed_call()
+    relay.addresses.update(berlin=("198.51.100.7", 40000), lisbon=("203.0.113.9", 50000))
+    await router.check_direct_paths()
+    await router.check_direct_paths()  # nothing moved: not sent again
+    [to_berlin], [to_lisbon] = direct_paths(net, "berlin"), direct_paths(net, "lisbon")
+    legs = dict(relay.legs["c1"])
+    assert (to_berlin.peer_ip, to_berlin.peer_port) == ("203.0.113.9", 50000)
+    assert (to_lisbon.peer_ip, to_lisbon.peer_port) == ("198.51.100.7", 40000)
+    assert to_berlin.peer_leg == legs["lisbon"] and to_lisbon.peer_leg == legs["berlin"]
+    assert to_berlin.key == to_lisbon.key and len(to_berlin.key) == 32
+    assert (to_berlin.direction, to_lisbon.direction) == (2, 3)
+    # On the calls' own channels.
+    channels = {c for c, m in net.to("berlin") if isinstance(m, DirectPath)}
+    assert channels == {1}
+    assert router.direct_offered == 1
+
+
+async def test_a_moved_address_gets_a_new_direct_path_with_a_new_key() -> None:
+    router, net, relay = await routed_call()
+    relay.addresses.update(berlin=("198.51.100.7", 40000), lisbon=("203.0.113.9", 50000))
+    await router.check_direct_paths()
+    relay.addresses["lisbon"] = ("203.0.113.9", 50001)  # a NAT rebinding, a new login
+    await router.check_direct_paths()
+    first, second = direct_paths(net, "berlin")
+    assert second.peer_port == 50001 and second.key != first.key
+
+
+@pytest.mark.parametrize(
+    "nat", ["Symmetric NAT", "unknown", "Blocked", "Symmetric UDP Firewall", "error"]
+)
+async def test_hopeless_nat_types_get_no_direct_path(nat: str) -> None:
+    router, net, relay = await routed_call({"berlin": "Full Cone", "lisbon": nat})
+    relay.addresses.update(berlin=("198.51.100.7", 40000), lisbon=("203.0.113.9", 50000))
+    await router.check_direct_paths()
+    assert direct_paths(net, "berlin") == direct_paths(net, "lisbon") == []
+    bridge = router.live_calls()[0]
+    assert bridge.direct_skipped == f"office lisbon's NAT: {nat}"
+    assert bridge.media_path == "relayed"
+
+
+async def test_a_nat_type_learned_later_allows_the_direct_path() -> None:
+    types = {"berlin": "Full Cone", "lisbon": "unknown"}
+    router, net, relay = await routed_call(types)
+    relay.addresses.update(berlin=("198.51.100.7", 40000), lisbon=("203.0.113.9", 50000))
+    await router.check_direct_paths()
+    assert direct_paths(net, "lisbon") == []
+    types["lisbon"] = "Restric NAT"  # its STUN probe ended
+    await router.check_direct_paths()
+    assert len(direct_paths(net, "lisbon")) == 1
+    assert router.live_calls()[0].direct_skipped == ""
+
+
+async def test_switched_off_means_relayed_only() -> None:
+    router, net, relay = await routed_call()
+    router.direct_media = False
+    relay.addresses.update(berlin=("198.51.100.7", 40000), lisbon=("203.0.113.9", 50000))
+    await router.check_direct_paths()
+    assert direct_paths(net, "berlin") == []
+
+
+async def test_media_path_follows_the_relays_counters() -> None:
+    router, _, relay = await routed_call()
+    relay.addresses.update(berlin=("198.51.100.7", 40000), lisbon=("203.0.113.9", 50000))
+    bridge = router.live_calls()[0]
+    relay.media_in = 50
+    await router.check_direct_paths()
+    assert bridge.media_path == "relayed"  # offered just now; audio still at the relay
+    relay.media_in = 80
+    await router.check_direct_paths()
+    assert bridge.media_path == "relayed"
+    await router.check_direct_paths()  # no more media at the relay since the last check
+    assert bridge.media_path == "direct"
+    relay.media_in = 81  # a fallback: media at the relay again
+    await router.check_direct_paths()
+    assert bridge.media_path == "relayed"
+
+
+async def test_a_relay_without_query_gets_no_direct_paths() -> None:
+    router, net, _ = make()
+    router.nat_type_of = NATS.__getitem__
+    await router.on_message("berlin", 1, CallSetup("c1", "2001", "3001", ["PCMU/8000"]))
+    await router.check_direct_paths()
+    assert direct_paths(net, "berlin") == []
+
+
+async def test_an_ended_call_is_not_checked() -> None:
+    router, net, relay = await routed_call()
+    relay.addresses.update(berlin=("198.51.100.7", 40000), lisbon=("203.0.113.9", 50000))
+    del relay.legs["c1"]  # the relay forgot the call first
+    await router.check_direct_paths()
+    assert direct_paths(net, "berlin") == []
