@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from labsystem import wait_until  # deploy/lab, on sys.path via labfixtures
 
+from phoneagent.tone import dominant_frequency
 from tests.calllab import REMOTE_HOST, Offices, assert_audio, finish, stats_of
 from tests.labfixtures import LabFactory
 
@@ -133,6 +134,56 @@ def test_a_symmetric_nat_keeps_the_call_on_the_relay(
         assert_audio(stats_of(out), caller_wav, 660)
         assert_audio(stats_of(out2), callee_wav, 440)
         assert offices.system.main_status()["relay"]["forwarded"] > 200
+    finally:
+        offices.stop()
+        print(offices.system.logs())
+
+
+def test_a_firewall_mid_call_sends_the_audio_back_through_the_relay(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    lab = lab_factory(2, hosts=[REMOTE_HOST, "p1"])
+    offices = Offices(lab, tmp_path, 2)
+    try:
+        nat_types_known(offices)
+        callee_wav, caller_wav = tmp_path / "callee.wav", tmp_path / "caller.wav"
+        agent = offices.answer(2, 1, "--tone", "660", "--record", str(callee_wav))
+        caller = offices.call_in_background(
+            1, 1, "2001", "--tone", "440", "--record", str(caller_wav), "--duration", "10"
+        )
+        wait_until(
+            lambda: (live_call(offices) or {}).get("media_path") == "direct", 15, "direct audio"
+        )
+        call = live_call(offices)
+        assert call is not None
+        office1_public = call["media"]["offer"]["address"][0]
+        # Office 2's router now drops whatever office 1 sends it directly (a firewall rule);
+        # the relay's packets come from the main host and still pass.
+        lab.run(
+            lab.office(2).router_ns,
+            ["iptables", "-w", "-I", "FORWARD", "-s", office1_public, "-p", "udp", "-j", "DROP"],
+            check=True,
+        )
+        wait_until(
+            lambda: (live_call(offices) or {}).get("media_path") == "relayed",
+            10,
+            "the relay carries the call again",
+        )
+        for office in (1, 2):
+            media = (remote_call(offices, office) or {})["media"]
+            assert media["direct_fallbacks"] >= 1, media
+        code, out, err = finish(caller, timeout=40)
+        assert code == 0, out + err
+        code2, out2, err2 = finish(agent)
+        assert code2 == 0, out2 + err2
+        # Office 1's phone lost nothing (its direction was never blocked); office 2's lost
+        # what was sent directly until its side fell back, about a second: far from the call.
+        assert_audio(stats_of(out), caller_wav, 660)
+        callee = stats_of(out2)
+        assert callee["packets_received"] > 300, callee
+        assert callee["packets_lost"] < 100, callee
+        heard = dominant_frequency(callee_wav)
+        assert heard is not None and abs(heard - 440) < 25, heard
     finally:
         offices.stop()
         print(offices.system.logs())
