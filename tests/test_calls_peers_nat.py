@@ -17,6 +17,7 @@ them): a skip would hide a broken CI.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from functools import partial
 from pathlib import Path
@@ -82,7 +83,8 @@ def test_baresip_and_the_agent_talk_between_offices_both_ways(
         )
         assert registration["user_agent"].startswith("baresip"), registration
         trace = baresip.output()
-        assert 'WWW-Authenticate: Digest realm="branchpbx"' in trace
+        challenge = re.search(r"^WWW-Authenticate: Digest (.*)$", trace, re.M)
+        assert challenge is not None and "algorithm=MD5" in challenge[1], trace[-3000:]
         assert 'Authorization: Digest username="1001"' in trace
 
         # baresip calls the agent in the other office; the agent hangs up after 4 s.
@@ -110,8 +112,6 @@ def test_baresip_and_the_agent_talk_between_offices_both_ways(
         recordings = baresip.recordings()
         assert len(recordings) == 2, recordings
         assert_heard(recordings[1], AGENT_HZ)
-        # Between offices the audio went through the main host's relay.
-        assert offices.system.main_status()["relay"]["forwarded"] > 400
     finally:
         baresip.stop()
         offices.stop()
