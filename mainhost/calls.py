@@ -347,11 +347,15 @@ class CallRouter:
                 bridge.media_path = "direct"
             bridge.relay_media = relayed
             pair = (offer["address"], answer["address"])
-            if not self.direct_media or None in pair or pair == bridge.direct_for:
+            if None in pair or pair == bridge.direct_for:
                 continue
             # Asked again at every check: an office's NAT type is known only some seconds
             # after its login (its STUN probe), and may change at the next one.
-            refusal = self._direct_refusal(bridge.a[0], bridge.b[0])
+            refusal = (
+                self._direct_refusal(bridge.a[0], bridge.b[0])
+                if self.direct_media
+                else "direct media is off"
+            )
             if refusal:
                 if refusal != bridge.direct_skipped:
                     self.direct_skipped += 1

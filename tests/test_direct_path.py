@@ -598,6 +598,10 @@ async def test_switched_off_means_relayed_only() -> None:
     relay.addresses.update(berlin=("198.51.100.7", 40000), lisbon=("203.0.113.9", 50000))
     await router.check_direct_paths()
     assert direct_paths(net, "berlin") == []
+    assert router.live_calls()[0].direct_skipped == "direct media is off"
+    router.direct_media = True  # switched on during the call: offered at the next check
+    await router.check_direct_paths()
+    assert len(direct_paths(net, "berlin")) == 1
 
 
 async def test_media_path_follows_the_relays_counters() -> None:
