@@ -10,6 +10,7 @@ import io
 import json
 import random
 import sqlite3
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -663,3 +664,63 @@ async def test_controller_and_call_log_write_the_same_call_to_disk(tmp_path: Pat
     (call,) = merge(rows)
     assert (call.status, call.reason, call.route) == (486, "Busy Here", "local")
     store.close()
+
+
+# --- crashes at any moment lose nothing ----------------------------------------------------------
+
+STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("event"), st.integers(0, 4), st.sampled_from(EVENT_NAMES)),
+        st.tuples(st.just("crash"), st.just(0), st.just("")),
+        st.tuples(st.just("upload"), st.integers(0, 3), st.sampled_from(["acked", "lost"])),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(STEPS)
+def test_every_call_reaches_the_main_host_once_whatever_crashes_and_lost_acks(
+    steps: list[tuple[str, int, str]],
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path, boots = Path(tmp) / "records.db", iter(f"boot{n}" for n in range(100))
+        clock = iter(float(n) for n in range(10_000))
+        store = RecordStore(path)
+        log = CallLog(store, office="east", boot_id=next(boots), wall_clock=lambda: next(clock))
+        main = CallRecordStore(Path(tmp) / "calls.db")
+        started: set[str] = set()
+        life = 0
+        for kind, n, what in steps:
+            if kind == "event":
+                call_id = f"c{n}-{life}"
+                if what == "started":
+                    started.add(call_id)
+                log.call_event(call_id, what, caller="201", callee="202", direction="local")
+                if what == "ended":
+                    life += 1  # the next call on this number is a new call
+            elif kind == "crash":
+                store.close()  # kill -9: whatever is committed stays
+                store = RecordStore(path)
+                log = CallLog(
+                    store, office="east", boot_id=next(boots), wall_clock=lambda: next(clock)
+                )
+            else:
+                batch = store.pending(limit=n + 1)
+                acks = main.add("east", batch)
+                if what == "acked":
+                    for ack in acks:
+                        store.acknowledge(ack.boot_id, ack.up_to_seq)
+        store.close()  # the last crash, then the WAN comes back: everything goes up
+        store = RecordStore(path)
+        CallLog(store, office="east", boot_id=next(boots), wall_clock=lambda: next(clock))
+        while batch := store.pending():
+            for ack in main.add("east", batch):
+                store.acknowledge(ack.boot_id, ack.up_to_seq)
+        calls = main.calls()
+        assert {c.id for c in calls} == started
+        assert len(calls) == len(started)
+        assert all(not c.active for c in calls)  # the crashes ended what they cut short
+        assert all(g["missing"] == [] for g in main.gaps())
+        store.close()
+        main.close()
