@@ -43,6 +43,7 @@ from shared.wire.messages import (
 )
 
 log = logging.getLogger("mainhost.calls")
+UNLIMITED_KBPS = 10**9
 BRIDGED = (CallProgress, CallAnswer, CallHold, CallInfo)
 # RFC 3489 §10.1 NAT types (pystun3's names) behind which hole punching works when both sides
 # send: the mapping does not depend on the destination, so the address the relay saw is the one
@@ -144,7 +145,9 @@ class CallRouter:
             budget.budget_kbps = kbps
 
     def _budget(self, office: str) -> OfficeBudget:
-        return self.budgets.setdefault(office, OfficeBudget(0))
+        # An office whose budget was never set (not in the store yet) is not limited: refusing
+        # its calls would be a surprise, and the store always sets one for real offices.
+        return self.budgets.setdefault(office, OfficeBudget(UNLIMITED_KBPS))
 
     def _reserve(self, bridge: Bridge, kbps: float) -> None:
         offices = {bridge.a[0], bridge.b[0] if bridge.b else bridge.a[0]}
