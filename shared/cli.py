@@ -8,6 +8,7 @@ traceback. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import logging
 import os
@@ -103,9 +104,10 @@ def make_private_dir(path: Path) -> None:
     """
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.chmod(0o700)
     except OSError as exc:
         raise CliError(f"cannot create data directory {path}: {exc.strerror}") from None
+    with contextlib.suppress(OSError):  # not ours to change: the check below says what matters
+        path.chmod(0o700)
     if not os.access(path, os.W_OK):
         raise CliError(f"data directory {path} is not writable")
 
