@@ -341,3 +341,20 @@ async def test_info_travels_to_the_phone_in_the_other_office(tmp_path: Path) -> 
             await b.expect_request("BYE")
         await _settled(lyon, paris)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_full_wan_is_503_with_the_main_hosts_reason_in_a_warning(tmp_path: Path) -> None:
+    async with open_two_offices(tmp_path) as (lyon, paris, main), trio.open_nursery() as nursery:
+        main.router.set_budget("lyon", 10)  # F7: not even one call fits
+        a = await lyon.phone("201", nursery)
+        b = await paris.phone("301", nursery)
+        with trio.fail_after(GUARD):
+            call = await a.call("301", sdp(30000))
+            full = await a.expect_response(503)
+        assert full.reason.startswith("Service Unavailable (office lyon's WAN is full")
+        warning = full.headers.get("Warning") or ""
+        assert warning.startswith("399 ") and "office lyon's WAN is full" in warning
+        assert b.received("INVITE") == []
+        await a.ack_failure(call, full)
+        await _settled(lyon, paris)
+        nursery.cancel_scope.cancel()
