@@ -3,6 +3,11 @@ LAN namespaces, phone agents run from the command line, and packet captures.
 
 Used by the call system tests (tests/test_calls_*.py). Every office k has phones k001, k002, ...
 with one password; `Offices.answer`/`call` run `phoneagent` in the phone's namespace.
+
+What the command line cannot do (give up while it rings, hold mid-call, sample the packets
+received during a call) runs through the phone agent's Python API in `PHONE_SCRIPT`
+(`script_in_background`, `ringing_phone`, `script_result`). Real peers in a phone's namespace:
+`LabBaresip` (baresip driven over ctrl_tcp) and `sipp_in_lab`.
 """
 
 from __future__ import annotations
