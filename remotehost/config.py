@@ -82,11 +82,33 @@ class SipConfig:
 
 
 @dataclass(frozen=True)
+class CallsConfig:
+    max_calls: int = cfg.field(100, "Calls at once; more are refused with 503.")
+    no_answer_timeout: float = cfg.field(
+        60.0, "Seconds a call may ring before the caller is told 480 No answer."
+    )
+    grant_timeout: float = cfg.field(
+        1.0, "Seconds to wait for the main host's grant before deciding alone (F6)."
+    )
+    trunk_grace: float = cfg.field(
+        10.0, "Seconds an answered call between offices waits for the trunk to come back."
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_calls < 1:
+            raise ValueError(f"key 'calls.max_calls' must be at least 1, not {self.max_calls}")
+        check_positive("calls.no_answer_timeout", self.no_answer_timeout)
+        check_positive("calls.grant_timeout", self.grant_timeout)
+        check_positive("calls.trunk_grace", self.trunk_grace)
+
+
+@dataclass(frozen=True)
 class RemoteHostConfig:
     office: str = cfg.field("", "This office's name on the main host.")
     trunk: TrunkConfig = field(default_factory=lambda: TrunkConfig(main_host="-"))
     stun: StunConfig = field(default_factory=StunConfig)
     sip: SipConfig = field(default_factory=SipConfig)
+    calls: CallsConfig = field(default_factory=CallsConfig)
 
     def __post_init__(self) -> None:
         if not self.office:

@@ -22,7 +22,7 @@ from remotehost import natprobe
 from remotehost.anchor import MediaAnchor
 from remotehost.announce import DB_NAME as ANNOUNCE_DB
 from remotehost.announce import AnnouncementStore, Announcer
-from remotehost.calls import CallController
+from remotehost.calls import CallController, CallPolicy
 from remotehost.config import CA_NAME, CONFIG_NAME, SECRET_NAME, RemoteHostConfig
 from remotehost.legs import Legs
 from remotehost.location import DB_NAME as LOCATION_DB
@@ -105,6 +105,12 @@ class RemoteHost:
             anchor=self.anchor,
             media_address=lambda phone_ip: self.sip.local_address(phone_ip)[0],
             main_host=config.trunk.main_host,
+            policy=CallPolicy(
+                max_calls=config.calls.max_calls,
+                no_answer_timeout=config.calls.no_answer_timeout,
+                grant_timeout=config.calls.grant_timeout,
+                trunk_grace=config.calls.trunk_grace,
+            ),
         )
         self.legs.controller = self.calls
         # Call records (F15): on disk first, uploaded by the uplink while it is logged in.
