@@ -393,7 +393,10 @@ class CallMedia:
         was_direct = self._direct.direct
         if kind == KIND_KEEPALIVE:
             self._direct_probes_in += 1
-            self._direct.on_packet(now, peer_hears_us=payload[:1] == b"\x01")
+            # A probe overtaken by a newer packet says something out of date: heard, no flag.
+            fresh = counter >= self._direct_window.highest
+            flag = payload[:1] == b"\x01" if fresh else None
+            self._direct.on_packet(now, peer_hears_us=flag)
         else:
             # The peer sends media directly only once it has confirmed the path both ways.
             self._direct.on_packet(now, peer_hears_us=True)

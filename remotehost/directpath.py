@@ -70,13 +70,15 @@ class DirectPathState:
 
     # -- inputs --
 
-    def on_packet(self, now: float, *, peer_hears_us: bool) -> None:
+    def on_packet(self, now: float, *, peer_hears_us: bool | None) -> None:
         """An authenticated, fresh packet came on the direct path: a probe with its flag, or
-        media (`peer_hears_us=True`: the peer sends media directly only once confirmed)."""
+        media (`peer_hears_us=True`: the peer sends media directly only once confirmed).
+        None: a probe older than one already seen (reordered), whose flag is stale."""
         self._last_heard = now
-        # False: the peer has not heard us (yet, or any more: it fell back). Then our direct
-        # packets are lost on the way, even though its own reach us (a one-way path).
-        self._peer_hears_us = peer_hears_us
+        if peer_hears_us is not None:
+            # False: the peer has not heard us (yet, or any more: it fell back). Then our
+            # direct packets are lost on the way, even though its own reach us (one way).
+            self._peer_hears_us = peer_hears_us
         self._update(now)
 
     def on_sent(self, now: float) -> None:

@@ -118,6 +118,19 @@ def test_falls_back_at_once_when_the_peer_no_longer_hears_us() -> None:
     assert path.handle_timer(0.2) is True
 
 
+def test_a_stale_probe_changes_nothing_but_being_heard() -> None:
+    path = DirectPathState(0.0)
+    path.on_packet(0.1, peer_hears_us=True)
+    path.on_packet(0.2, peer_hears_us=None)  # reordered: its flag is older than the last one
+    assert path.direct
+    path.on_packet(0.3 + T.silence - 0.2, peer_hears_us=None)
+    path.handle_timer(0.3 + T.silence - 0.2)
+    assert path.direct  # it still counts as hearing the peer
+    fresh = DirectPathState(0.0)
+    fresh.on_packet(0.1, peer_hears_us=None)
+    assert not fresh.direct and fresh.hears_peer(0.1)
+
+
 def test_after_a_fallback_the_path_needs_confirming_again() -> None:
     path = DirectPathState(0.0)
     path.on_packet(0.1, peer_hears_us=True)
@@ -186,10 +199,12 @@ class PathMachine(RuleBasedStateMachine):
         if probe:
             assert self.now >= before
 
-    @rule(flag=st.booleans())
-    def packet(self, flag: bool) -> None:
+    @rule(flag=st.sampled_from([True, False, None]))
+    def packet(self, flag: bool | None) -> None:
         self.path.on_packet(self.now, peer_hears_us=flag)
-        self.last_heard, self.last_flag = self.now, flag
+        self.last_heard = self.now
+        if flag is not None:
+            self.last_flag = flag
 
     @rule()
     def sent(self) -> None:
