@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -650,3 +652,28 @@ async def test_an_ended_call_is_not_checked() -> None:
     del relay.legs["c1"]  # the relay forgot the call first
     await router.check_direct_paths()
     assert direct_paths(net, "berlin") == []
+
+
+async def test_junk_tagged_with_our_leg_changes_nothing() -> None:
+    async with trio.open_nursery() as nursery:
+        pair = await open_pair(nursery)
+        await pair.direct_path()
+        with trio.fail_after(5):
+            while not (pair.path("a") == pair.path("b") == "direct"):
+                await pair.talk(1)
+        leg_b = pair.relay.query("c1")["answer"]["leg"]
+        rng = random.Random(4)
+        junk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for n in range(300):
+                body = rng.randbytes(rng.randrange(0, 120))
+                header = bytes([rng.choice([1, 2, 9]), rng.choice([0, 1, 2, 3, 7]), 0, 0])
+                packet = header + leg_b.to_bytes(4, "big") + body if n % 3 else body
+                junk.sendto(packet, pair.wan("b"))
+        finally:
+            junk.close()
+        await wait_for(lambda: pair.anchors["b"].statistics().received >= 300)
+        await pair.talk(5)  # still direct, both ways, and nothing of the junk reached a phone
+        assert pair.path("a") == pair.path("b") == "direct"
+        assert pair.media["b"].statistics().direct_peer == pair.wan("a")
+        nursery.cancel_scope.cancel()
