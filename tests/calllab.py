@@ -35,7 +35,14 @@ def registered(system: LabSystem, office: int, ext: str) -> bool:
 class Offices:
     """A main host, offices 1..n with a remote host and phones kEXT = k001, k002 each."""
 
-    def __init__(self, lab: Any, workdir: Path, count: int, phones: int = 2) -> None:
+    def __init__(
+        self,
+        lab: Any,
+        workdir: Path,
+        count: int,
+        phones: int = 2,
+        remote_settings: dict[str, str] | None = None,
+    ) -> None:
         self.lab, self.workdir = lab, workdir
         self.system = LabSystem(lab, workdir)
         self.system.start_main()
@@ -44,10 +51,20 @@ class Offices:
             for n in range(1, phones + 1):
                 self.system.run_main("phone", "add", f"{k}00{n}", "--password", PASSWORD)
             self.system.join(k, token)
+            self.set_remote_settings(k, remote_settings or {})
             self.system.start_remote(k)
         for k in range(1, count + 1):
             wait_until(partial(self.online, k), 20, f"office{k} online")
         self.agents: list[subprocess.Popen[str]] = []
+
+    def set_remote_settings(self, office: int, settings: dict[str, str]) -> None:
+        """Change `key = value` lines of the office's remotehost.toml (keys are unique there)."""
+        path = self.system.remote_data(office) / "remotehost.toml"
+        text = path.read_text()
+        for key, value in settings.items():
+            text, found = re.subn(rf"(?m)^{re.escape(key)} = .*$", f"{key} = {value}", text)
+            assert found == 1, f"{key} is not a remotehost.toml key"
+        path.write_text(text)
 
     def online(self, office: int) -> bool:
         return bool(self.system.office_status(office)["online"])
