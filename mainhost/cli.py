@@ -390,21 +390,19 @@ def render_status(status: dict[str, Any]) -> Group:
     parts: list[Table] = [table]
     if phones.row_count:
         parts.append(phones)
-    calls = Table(title="live calls between offices", title_justify="left")
-    for column in ("call", "from", "to", "state", "media path", "packets relayed"):
+    calls = Table(title="live calls", title_justify="left")
+    for column in ("call", "from", "to", "offices", "state", "for", "media path"):
         calls.add_column(column)
-    for call in status.get("calls") or []:
-        media = call.get("media") or {}
-        relayed = sum(
-            (leg or {}).get("packets_in", 0) for leg in (media.get("offer"), media.get("answer"))
-        )
+    for call in status.get("live_calls") or []:
+        since = call.get("since")
         calls.add_row(
             call["call_id"][:12],
-            call["from_office"],
-            call["to_office"] or "-",
-            "talking" if call["answered"] else "ringing",
-            "relayed (main host)",
-            str(relayed),
+            call["caller"],
+            call["callee"],
+            " -> ".join(call["offices"]),
+            call["state"],
+            f"{max(0, now - since):.0f} s" if since else "-",
+            call["media_path"],
         )
     if calls.row_count:
         parts.append(calls)

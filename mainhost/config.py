@@ -90,6 +90,11 @@ class MainHostConfig:
     media_port: int = cfg.field(
         5090, "Media relay port (UDP) for calls between offices (0: any free port)."
     )
+    direct_media: bool = cfg.field(
+        True,
+        "Let offices send a call's audio to each other directly when both NATs allow it\n"
+        "(hole punching, F4); the relay stays the fallback. false: always through the relay.",
+    )
     trunk: TrunkConfig = field(default_factory=TrunkConfig)
     stun: StunConfig = field(default_factory=StunConfig)
     api: ApiConfig = field(default_factory=ApiConfig)

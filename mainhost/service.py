@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,13 +20,12 @@ from mainhost import pki
 from mainhost.announce import summaries
 from mainhost.config import MainHostConfig
 from mainhost.records import DB_NAME as CALLS_DB
-from mainhost.records import CallRecordStore
+from mainhost.records import CallRecord, CallRecordStore
 from mainhost.store import DB_NAME, MainStore, Office
 from mainhost.trunk import SOFTWARE, OfficeLive, TrunkServer, server_ssl_context
 from shared.aio.control import serve_control
 from shared.cli import leaf_exceptions
 
-DIRECT_MEDIA_ENV = "BRANCHPBX_DIRECT_MEDIA"
 """F4 direct audio between offices: "1" turns it on (off by default for now)."""
 
 log = logging.getLogger("mainhost")
@@ -82,13 +80,16 @@ class MainHost:
         self.stun_service: Any = None
         self.relay: Any = None
 
-    def read_database(self) -> tuple[list[Office], list[dict[str, Any]], list[dict[str, Any]]]:
+    def read_database(
+        self,
+    ) -> tuple[list[Office], list[dict[str, Any]], list[dict[str, Any]], list[CallRecord]]:
         """What the status needs from sqlite: run in a worker thread (see `snapshot`)."""
         now = time.time()
         return (
             self.store.offices(),
             summaries(self.store, now),
             [g for g in self.records.gaps() if g["missing"]],
+            self.records.calls(live=True),
         )
 
     async def snapshot(self) -> dict[str, Any]:
@@ -99,11 +100,12 @@ class MainHost:
 
     def status(
         self,
-        database: tuple[list[Office], list[dict[str, Any]], list[dict[str, Any]]] | None = None,
+        database: tuple[list[Office], list[dict[str, Any]], list[dict[str, Any]], list[CallRecord]]
+        | None = None,
     ) -> dict[str, Any]:
         """Call in the trio thread; without `database`, reads sqlite itself (blocking)."""
         now = time.time()
-        stored, announcements, gaps = database or self.read_database()
+        stored, announcements, gaps, live_records = database or self.read_database()
         offices = [
             office_entry(
                 office,
@@ -134,10 +136,35 @@ class MainHost:
                 }
                 for b in self.trunk.calls.live_calls()
             ],
+            "live_calls": self._live_calls(live_records, now),
             "offices": offices,
             "announcements": announcements,
             "call_records": {"gaps": gaps},
         }
+
+    def _live_calls(self, records: list[CallRecord], now: float) -> list[dict[str, Any]]:
+        """Every call going on, in every office (from the call records the offices upload as
+        calls happen), with its media path: local (phone to phone on the office LAN), relayed
+        (through the main host) or direct (office to office)."""
+        bridges = {b.call_id: b for b in self.trunk.calls.live_calls()}
+        calls = []
+        for record in records:
+            bridge = bridges.get(record.id)
+            path = "local" if record.route == "local" else "relayed"
+            if bridge is not None:
+                path = bridge.media_path
+            calls.append(
+                {
+                    "call_id": record.id,
+                    "caller": record.caller,
+                    "callee": record.callee,
+                    "offices": record.offices,
+                    "state": "talking" if record.answered_at else "ringing",
+                    "since": record.answered_at or record.started_at,
+                    "media_path": path,
+                }
+            )
+        return calls
 
     async def serve(
         self, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED
@@ -217,11 +244,9 @@ class MainHost:
             raise bind_error("media relay", listen, port, "udp", exc) from None
         self.relay = relay
         self.trunk.calls.relay = relay
-        # F4: direct paths are offered only where both offices' NAT types allow them. Off
-        # unless BRANCHPBX_DIRECT_MEDIA=1 for now: the F3 lab tests still expect every call's
-        # audio at the relay (tests/test_calls_peers_nat.py); a mainhost.toml key belongs here.
+        # F4: direct paths are offered only where both offices' NAT types allow them.
         trunk = self.trunk
-        trunk.calls.direct_media = os.environ.get(DIRECT_MEDIA_ENV, "") == "1"
+        trunk.calls.direct_media = self.config.direct_media
         trunk.calls.nat_type_of = lambda o: getattr(trunk.online.get(o), "nat_type", "unknown")
         self.trunk.calls.relay_port = address[1]
         self.addresses["media"] = f"{address[0]}:{address[1]}/udp"

@@ -38,9 +38,10 @@ def test_call_between_offices_has_audio_both_ways(
         assert code == 0, out + err
         assert_audio(stats_of(result.stdout), caller_wav, 660)
         assert_audio(stats_of(out), callee_wav, 440)
-        # The audio went through the main host's relay, and only authenticated packets did.
+        # The relay saw nothing forged or replayed (the audio went through it, or directly
+        # once both NATs allowed it: F4).
         relay = offices.system.main_status()["relay"]
-        assert relay["forwarded"] > 200
+        assert relay["dropped_bad_tag"] == 0 and relay["dropped_replay"] == 0
     finally:
         offices.stop()
         print(offices.system.logs())

@@ -15,18 +15,11 @@ from typing import Any
 import pytest
 from labsystem import wait_until  # deploy/lab, on sys.path via labfixtures
 
-from mainhost.service import DIRECT_MEDIA_ENV
 from phoneagent.tone import dominant_frequency
 from tests.calllab import REMOTE_HOST, Offices, assert_audio, finish, stats_of
 from tests.labfixtures import LabFactory
 
 pytestmark = pytest.mark.lab
-
-
-@pytest.fixture(autouse=True)
-def direct_media_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    """F4 is off by default for now; the main host the lab starts inherits our environment."""
-    monkeypatch.setenv(DIRECT_MEDIA_ENV, "1")
 
 
 def live_call(offices: Offices) -> dict[str, Any] | None:
