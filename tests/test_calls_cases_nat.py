@@ -15,6 +15,7 @@ lab gives office 1 a new public address in the middle of a call (F9).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,11 @@ def quick_cases(offices: Offices, tmp_path: Path, k: int) -> None:
     assert talked[0]["dtmf_sent"] == "9*0", talked[0]
 
 
+def finished_calls(offices: Offices) -> list[dict[str, Any]]:
+    calls = json.loads(offices.system.run_main("calls", "--json").stdout)["calls"]
+    return [c for c in calls if c["answered_at"] and c["ended_at"]]
+
+
 def test_call_survives_a_new_public_address(lab_factory: LabFactory, tmp_path: Path) -> None:
     lab = lab_factory(2, hosts=[REMOTE_HOST, "p1"])
     offices = Offices(lab, tmp_path, 2, phones=1)
@@ -168,6 +174,12 @@ def test_call_survives_a_new_public_address(lab_factory: LabFactory, tmp_path: P
         talk = script_result(caller)
         code, out, err = finish(callee)
         assert code == 0, out + err
+        # The call stays one call in the records across the re-login (F9, F15).
+        finished = wait_until(
+            lambda: finished_calls(offices) or None, 20, "the call's record at the main host"
+        )
+        assert len(finished) == 1, finished
+        assert finished[0]["status"] == 0 and finished[0]["route"] == "relayed", finished
     finally:
         offices.stop()
         print(offices.system.logs())
@@ -177,6 +189,8 @@ def test_call_survives_a_new_public_address(lab_factory: LabFactory, tmp_path: P
     resumed = [t for t, n in samples if t > changed_at and n > before + 10]
     gap = resumed[0] - changed_at if resumed else None
     print(f"packets received: {before} before the change, {last} at the end; gap {gap} s")
+    # The issue: audio resumes on its own within 2 s (one second more for sampling it).
+    assert gap is not None and gap < 3.0, samples
     # The caller keeps hearing the far office after its address changed ...
     assert before >= 100, samples
     assert last - before >= 200, (before, last, talk["stats"])

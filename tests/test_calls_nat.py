@@ -8,8 +8,10 @@ other), and by the agents' RTP statistics.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from labsystem import PYTHON, wait_until  # deploy/lab, on sys.path via labfixtures
@@ -150,6 +152,13 @@ def test_relay_drops_packets_that_do_not_authenticate(
         offices.stop()
 
 
+def call_records(offices: Offices) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = json.loads(offices.system.run_main("calls", "--json").stdout)[
+        "calls"
+    ]
+    return result
+
+
 def test_a_full_wan_refuses_the_next_call_with_a_reason(
     lab_factory: LabFactory, tmp_path: Path
 ) -> None:
@@ -173,6 +182,13 @@ def test_a_full_wan_refuses_the_next_call_with_a_reason(
         bandwidth = offices.system.office_status(2)["bandwidth"]
         assert bandwidth["refused"] == 1
         assert bandwidth["used_kbps"] == 92.8
+        # The refusal is in the call records, with its cause.
+        refused = wait_until(
+            lambda: [c for c in call_records(offices) if c["status"] == 503] or None,
+            20,
+            "the refused call's record",
+        )
+        assert len(refused) == 1 and "WAN" in refused[0]["reason"], refused
         code, out, err = finish(first, timeout=40)
         assert code == 0, out + err
         finish(first_answer)
