@@ -1,0 +1,1231 @@
+"""The benchmark suite: every figure of the issue, ours beside its anchor, in one command.
+
+Not part of the test suite, and asserts nothing: it measures and writes a report. Each figure is
+measured `--repeats` times (3 with --quick, 5 otherwise) and the median is reported, with the
+anchor measured in the same run on the same machine, the ratio, and the CPU time per unit
+(user + system from /proc/PID/stat of the measured process, all of Kamailio's processes summed).
+
+    .venv/bin/python bench/run.py --quick              # under 2 minutes
+    .venv/bin/python bench/run.py                      # under 15 minutes
+    .venv/bin/python bench/run.py --quick --profile    # plus py-spy on the remote host
+
+Figures, in order:
+
+1. REGISTER/s with digest auth at one remote host (SIPp, tests/sipp/register_fields.xml),
+   the highest stepped rate with < 1 % failed registrations; anchor: Kamailio as a registrar
+   (`auth` with one fixed password, `registrar`, `usrloc` in memory).
+2. Media packets/s relayed by the main host's MediaRelay (172-byte RTP in sealed WAN packets,
+   200 flows, < 0.1 % loss); anchor: bench/c_relay.c (recvmmsg/sendmmsg, no crypto). Both are
+   fed by the same Python sender and counted by the same Python receiver process.
+3. p99 delay added by one relay hop at half of its capacity, ours and the C relay's.
+4. Trunk messages/s over one connection, pipelined: TrunkSession pair over loopback TCP.
+5. Remote host memory (RSS) with 500 registered phones.
+6. Calls/s inside one office: not measured yet (see the report).
+
+Everything runs on 127.0.0.1 with ports found by binding port 0. Kamailio is installed with
+apt-get if missing, the C relay is built with gcc, py-spy is pip-installed into the venv for
+--profile. Results go to bench/results/ (git-ignored): report.md and report.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.peerhelpers import (  # noqa: E402
+    LOOPBACK,
+    SIPP_DIR,
+    cpu_seconds,
+    free_port,
+    free_sip_port,
+    open_office,
+    peer_binary,
+    sipp_auth,
+    stop_process,
+    wait_for,
+    write_injection,
+)
+
+RESULTS = ROOT / "bench" / "results"
+KAMAILIO_PASSWORD = "bench-kamailio-secret"
+PACKET_SIZE = 172  # 12-byte RTP header + 160 bytes of G.711 (20 ms)
+FLOWS = 200
+PHONES = 500
+FIRST_EXT = 2000
+
+
+@dataclass(frozen=True)
+class Mode:
+    repeats: int
+    step_seconds: float  # one SIPp rate step
+    relay_seconds: float  # one relay run
+    trunk_messages: int
+
+
+QUICK = Mode(repeats=3, step_seconds=1.0, relay_seconds=0.8, trunk_messages=100_000)
+FULL = Mode(repeats=5, step_seconds=3.0, relay_seconds=3.0, trunk_messages=500_000)
+
+
+@dataclass
+class Figure:
+    """One line of the report."""
+
+    key: str
+    name: str
+    unit: str
+    target: str
+    ours: float | None = None
+    anchor_name: str = ""
+    anchor: float | None = None
+    cpu_unit: str = ""
+    ours_cpu: float | None = None  # CPU seconds per unit, ours
+    anchor_cpu: float | None = None
+    higher_is_better: bool = True
+    target_met: bool | None = None
+    note: str = ""
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.ours is None or not self.anchor:
+            return None
+        return self.ours / self.anchor
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def log(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+# --- what the suite needs installed ---------------------------------------------------------
+
+
+def ensure_kamailio() -> str | None:
+    """The kamailio binary, installed with apt-get if missing; None (and why) if impossible."""
+    path = shutil.which("kamailio") or (
+        "/usr/sbin/kamailio" if Path("/usr/sbin/kamailio").exists() else None
+    )
+    if path is None and os.geteuid() == 0:
+        log("installing kamailio (apt-get install -y kamailio)")
+        subprocess.run(
+            ["apt-get", "install", "-y", "kamailio"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
+        path = shutil.which("kamailio") or (
+            "/usr/sbin/kamailio" if Path("/usr/sbin/kamailio").exists() else None
+        )
+    return path
+
+
+def ensure_c_relay() -> Path:
+    binary = RESULTS / "c_relay"
+    source = ROOT / "bench" / "c_relay.c"
+    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+        subprocess.run(["gcc", "-O2", "-o", str(binary), str(source)], check=True)
+    return binary
+
+
+def ensure_py_spy() -> str:
+    venv_bin = Path(sys.executable).parent
+    path = venv_bin / "py-spy"
+    if not path.exists():
+        log("installing py-spy into the venv")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
+    return str(path)
+
+
+# --- /proc ---------------------------------------------------------------------------------
+
+
+def children_of(pid: int) -> list[int]:
+    """Every live descendant of `pid` (Kamailio forks its workers)."""
+    parents: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents[ppid].append(int(entry.name))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def tree_cpu(pid: int) -> float:
+    total = 0.0
+    for p in [pid, *children_of(pid)]:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(p)
+    return total
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def tree_pss_mb(pid: int) -> float:
+    """Proportional set size of a process and its children: shared memory counted once."""
+    total = 0
+    for p in [pid, *children_of(pid)]:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+# --- 1 and 5: REGISTER/s, with Kamailio beside -------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepResult:
+    target: float
+    ok: int
+    failed: int
+    elapsed: float
+    cpu: float
+
+    @property
+    def achieved(self) -> float:
+        return self.ok / self.elapsed if self.elapsed else 0.0
+
+    @property
+    def passed(self) -> bool:
+        total = self.ok + self.failed
+        return total > 0 and self.failed / total < 0.01 and self.achieved >= 0.9 * self.target
+
+
+def read_stats(path: Path) -> dict[str, str]:
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f, delimiter=";"))
+    if len(rows) < 2:
+        return {}
+    return dict(zip(rows[0], rows[-1], strict=False))
+
+
+def sipp_register_step(
+    workdir: Path,
+    port: int,
+    injection: Path,
+    rate: float,
+    seconds: float,
+    cpu: Callable[[], float],
+) -> StepResult:
+    """SIPp registers at `rate`/s for `seconds` against 127.0.0.1:`port`."""
+    calls = max(1, int(rate * seconds))
+    stats_file = workdir / f"stats-{time.monotonic_ns()}.csv"
+    argv = [peer_binary("sipp"), f"{LOOPBACK}:{port}", "-sf", str(SIPP_DIR / "register_fields.xml")]
+    argv += ["-inf", str(injection), "-t", "u1", "-i", LOOPBACK, "-bind_local"]
+    argv += ["-p", str(free_sip_port()), "-r", str(int(rate)), "-rp", "1s"]
+    argv += ["-m", str(calls), "-l", str(max(200, int(rate))), "-nostdin"]
+    argv += ["-buff_size", "4194304", "-recv_timeout", "2000", "-max_retrans", "2"]
+    argv += ["-timeout", f"{seconds + 20:g}s", "-default_behaviors", "all,-bye"]
+    argv += ["-trace_stat", "-stf", str(stats_file), "-fd", "1"]
+    before = cpu()
+    wall = time.monotonic()
+    subprocess.run(
+        argv,
+        cwd=workdir,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=seconds + 60,
+        check=False,
+    )
+    wall = time.monotonic() - wall
+    used = cpu() - before
+    stats = read_stats(stats_file)
+    ok = int(stats.get("SuccessfulCall(C)", "0"))
+    failed = int(stats.get("FailedCall(C)", "0"))
+    elapsed = wall
+    if stats:
+        start = float(stats["StartTime"].split("\t")[-1])
+        end = float(stats["CurrentTime"].split("\t")[-1])
+        elapsed = end - start or wall
+    return StepResult(rate, ok, failed, elapsed, used)
+
+
+def find_max_rate(step: Callable[[float], StepResult], start: float, bisections: int) -> StepResult:
+    """Double the rate until a step fails, then bisect between the last pass and the fail."""
+    best: StepResult | None = None
+    rate = start
+    failed_at: float | None = None
+    for _ in range(10):
+        result = step(rate)
+        log(
+            f"  target {rate:.0f}/s: {result.achieved:.0f}/s, {result.failed} failed"
+            f" {'pass' if result.passed else 'FAIL'}"
+        )
+        if not result.passed:
+            failed_at = rate
+            break
+        best = result
+        rate *= 2
+    if failed_at is not None:
+        low = best.target if best else 0.0
+        high = failed_at
+        for _ in range(bisections):
+            rate = (low + high) / 2
+            if rate < 50:
+                break
+            result = step(rate)
+            log(f"  target {rate:.0f}/s: {result.achieved:.0f}/s, {result.failed} failed")
+            if result.passed:
+                best, low = result, rate
+            else:
+                high = rate
+    return best if best is not None else StepResult(start, 0, 0, 1.0, 0.0)
+
+
+KAMAILIO_CFG = """#!KAMAILIO
+# Generated by bench/run.py: Kamailio as a plain registrar, the anchor for REGISTER/s.
+debug=0
+log_stderror=yes
+memdbg=5
+memlog=5
+children={children}
+listen=udp:127.0.0.1:{port}
+tcp_disable=yes
+loadmodule "sl.so"
+loadmodule "pv.so"
+loadmodule "usrloc.so"
+loadmodule "registrar.so"
+loadmodule "auth.so"
+modparam("usrloc", "db_mode", 0)
+request_route {{
+    if (is_method("REGISTER")) {{
+        if (!pv_www_authenticate("$td", "{password}", "0")) {{
+            www_challenge("$td", "0");
+            exit;
+        }}
+        save("location");
+        exit;
+    }}
+    sl_send_reply("404", "Not here");
+}}
+"""
+
+
+@contextlib.contextmanager
+def kamailio(binary: str, workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port(socket.SOCK_DGRAM)
+    cfg_file = workdir / "kamailio.cfg"
+    children = os.cpu_count() or 2
+    cfg_file.write_text(
+        KAMAILIO_CFG.format(children=children, port=port, password=KAMAILIO_PASSWORD)
+    )
+    log_file = (workdir / "kamailio.log").open("wb")
+    process = subprocess.Popen(
+        [
+            binary,
+            "-f",
+            str(cfg_file),
+            "-DD",
+            "-E",
+            "-x",
+            "tlsf",
+            "-m",
+            "4096",
+            "-M",
+            "16",
+            "-P",
+            str(workdir / "kamailio.pid"),
+            "-Y",
+            str(workdir),
+        ],  # fmt: skip
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        cwd=workdir,
+    )
+    try:
+        # Ready when its workers are forked (children + the main and timer processes).
+        wait_for(
+            lambda: (
+                (process.poll() is not None and "exit")
+                or (len(children_of(process.pid)) >= children)
+            ),
+            "kamailio to fork its workers",
+            15.0,
+        )
+        if process.poll() is not None:
+            raise RuntimeError("kamailio exited: " + (workdir / "kamailio.log").read_text()[-2000:])
+        time.sleep(0.3)
+        yield process, port
+    finally:
+        stop_process(process, grace=5.0)
+        log_file.close()
+
+
+def bench_register(mode: Mode, work: Path, profile: bool) -> list[Figure]:
+    register = Figure(
+        "register",
+        "REGISTER/s with digest auth at one remote host (< 1 % failures)",
+        "registrations/s",
+        ">= 5,000/s",
+        anchor_name="Kamailio registrar",
+        cpu_unit="ms CPU per registration",
+    )
+    memory = Figure(
+        "memory",
+        f"Remote host memory with {PHONES} registered phones (no calls)",
+        "MB RSS",
+        "<= 80 MB with 500 phones and 100 calls",
+        anchor_name="Kamailio (PSS of all processes)",
+        higher_is_better=False,
+    )
+    bisections = 1 if mode is QUICK else 2
+    phones = {str(FIRST_EXT + i): f"bench-{FIRST_EXT + i}-secret" for i in range(PHONES)}
+    ours_best: list[StepResult] = []
+    with open_office(
+        work / "office", phones, extensions=f"{FIRST_EXT}-{FIRST_EXT + PHONES - 1}"
+    ) as office:
+        rows = [[ext, sipp_auth(ext, pw), "300"] for ext, pw in phones.items()]
+        injection = write_injection(work / "phones.csv", rows)
+        pid = office.remote.pid
+        for n in range(mode.repeats):
+            log(f"REGISTER, remote host, repeat {n + 1}")
+            best = find_max_rate(
+                lambda rate: sipp_register_step(
+                    work,
+                    office.sip_port,
+                    injection,
+                    rate,
+                    mode.step_seconds,
+                    lambda: cpu_seconds(pid),
+                ),
+                ours_best[-1].target if ours_best and ours_best[-1].ok else 250.0,
+                bisections,
+            )
+            ours_best.append(best)
+            register.runs.append(
+                {"side": "ours", **dataclasses.asdict(best), "achieved": best.achieved}
+            )
+        wait_for(lambda: len(office.registrations()) >= PHONES or None, "500 bindings", 30.0)
+        memory.ours = rss_mb(pid)
+        memory.runs.append({"side": "ours", "registered": len(office.registrations())})
+        if profile:
+            register.note += profile_register(work, office.sip_port, injection, pid, ours_best)
+    register.ours = median([b.achieved for b in ours_best])
+    register.ours_cpu = median([1000 * b.cpu / b.ok for b in ours_best if b.ok] or [0.0])
+
+    binary = ensure_kamailio()
+    if binary is None:
+        register.note += " Kamailio: not installed and not root, anchor not measured."
+    else:
+        with kamailio(binary, work / "kamailio") as (process, port):
+            rows = [[ext, sipp_auth(ext, KAMAILIO_PASSWORD), "300"] for ext in phones]
+            injection = write_injection(work / "kamailio-phones.csv", rows)
+            anchor_best: list[StepResult] = []
+            for n in range(mode.repeats):
+                log(f"REGISTER, Kamailio, repeat {n + 1}")
+                best = find_max_rate(
+                    lambda rate: sipp_register_step(
+                        work, port, injection, rate, mode.step_seconds,
+                        lambda: tree_cpu(process.pid),
+                    ),
+                    anchor_best[-1].target if anchor_best and anchor_best[-1].ok else 1000.0,
+                    bisections,
+                )  # fmt: skip
+                anchor_best.append(best)
+                register.runs.append(
+                    {"side": "kamailio", **dataclasses.asdict(best), "achieved": best.achieved}
+                )
+            register.anchor = median([b.achieved for b in anchor_best])
+            register.anchor_cpu = median(
+                [1000 * b.cpu / b.ok for b in anchor_best if b.ok] or [0.0]
+            )
+            memory.anchor = tree_pss_mb(process.pid)
+            anchor_max = max(b.target for b in anchor_best)
+            if anchor_max >= 8000:
+                register.note += (
+                    " Kamailio's figure may be bounded by SIPp (one thread) on this machine."
+                )
+    register.target_met = register.ours >= 5000
+    memory.target_met = memory.ours is not None and memory.ours <= 80
+    memory.note = "Measured with 500 registered phones only: the 100 calls are not placed yet."
+    return [register, memory]
+
+
+def profile_register(
+    work: Path, port: int, injection: Path, pid: int, best: list[StepResult]
+) -> str:
+    """py-spy on the remote host while SIPp overloads it a little; the top functions."""
+    py_spy = ensure_py_spy()
+    rate = 1.5 * max((b.target for b in best), default=250.0)
+    seconds = 5
+    results = []
+    spy_argv = [py_spy, "record", "--pid", str(pid), "--duration", str(seconds), "--nonblocking"]
+    for fmt, out in (("flamegraph", RESULTS / "register.svg"), ("raw", work / "register.txt")):
+        spy = subprocess.Popen(
+            [
+                py_spy,
+                "record",
+                "-o",
+                str(out),
+                "--pid",
+                str(pid),
+                "--duration",
+                str(seconds),
+                "--format",
+                fmt,
+                "--nonblocking",
+            ],  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)
+        sipp_register_step(work, port, injection, rate, seconds, lambda: cpu_seconds(pid))
+        spy.wait(60)
+        results.append(out)
+    self_time: collections.Counter[str] = collections.Counter()
+    total_time: collections.Counter[str] = collections.Counter()
+    samples = 0
+    raw = work / "register.txt"
+    if raw.exists():
+        for line in raw.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue
+            frames = [f.split(" (")[0] + " (" + f.split(" (")[-1] for f in stack.split(";")]
+            samples += int(count)
+            self_time[frames[-1]] += int(count)
+            for frame in set(frames):
+                total_time[frame] += int(count)
+    PROFILE.clear()
+    PROFILE.extend(
+        {"function": f, "self_percent": round(100 * c / samples, 1)}
+        for f, c in self_time.most_common(10)
+    )
+    PROFILE_TOTAL.clear()
+    PROFILE_TOTAL.extend(
+        {"function": f, "total_percent": round(100 * c / samples, 1)}
+        for f, c in total_time.most_common(40)
+        if "<module>" not in f and "run (trio" not in f
+    )
+    return f" Profile: bench/results/register.svg ({samples} samples at {rate:.0f}/s offered)."
+
+
+PROFILE: list[dict[str, Any]] = []
+PROFILE_TOTAL: list[dict[str, Any]] = []
+
+
+# --- 2 and 3: the relay --------------------------------------------------------------------
+
+
+def office_key(name: str) -> bytes:
+    return hashlib.sha256(name.encode()).digest()
+
+
+def ours_relay_process(conn: multiprocessing.connection.Connection) -> None:
+    """Runs MediaRelay alone in this process; makes fresh legs for every run."""
+    import trio
+
+    from mainhost.relay import MediaRelay
+
+    async def main() -> None:
+        relay = MediaRelay(office_key)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        sock.bind((LOOPBACK, 0))
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(relay.serve, sock)
+            conn.send(address)
+            while True:
+                command = await trio.to_thread.run_sync(conn.recv)
+                if command[0] == "legs":
+                    run, flows = command[1], command[2]
+                    conn.send(
+                        [
+                            (
+                                relay.offer(f"r{run}c{f}", f"a{f}"),
+                                relay.answer(f"r{run}c{f}", f"b{f}"),
+                            )
+                            for f in range(flows)
+                        ]
+                    )
+                elif command[0] == "end":
+                    conn.send([f"r{command[1]}c{f}" for f in range(command[2])])
+                    for f in range(command[2]):
+                        relay.delete(f"r{command[1]}c{f}")
+                else:
+                    break
+            nursery.cancel_scope.cancel()
+        sock.close()
+
+    trio.run(main)
+
+
+class Relay(Protocol):
+    """One of the two relays under test: how to start it, latch a flow, build packets."""
+
+    name: str
+    pid: int
+    address: tuple[str, int]
+
+    def prepare(self, run: int, flows: int) -> None: ...
+    def latch(self, flow: int, sender: socket.socket, receiver: socket.socket) -> None: ...
+    def packet(self, flow: int, n: int, index: int) -> bytes: ...
+    def close(self) -> None: ...
+
+    @staticmethod
+    def index_of(flow: int, data: bytes) -> int | None: ...
+
+
+class OurRelay:
+    name = "ours (MediaRelay)"
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=ours_relay_process, args=(child,), daemon=True)
+        self.process.start()
+        self.address = self.conn.recv()
+        assert self.process.pid is not None
+        self.pid = self.process.pid
+        self.legs: list[tuple[int, int]] = []
+        self.run = 0
+
+    def prepare(self, run: int, flows: int) -> None:
+        if self.legs:
+            with contextlib.suppress(Exception):
+                self.conn.send(("end", self.run, len(self.legs)))
+                self.conn.recv()
+        self.run = run
+        self.conn.send(("legs", run, flows))
+        self.legs = self.conn.recv()
+
+    def latch(self, flow: int, sender: socket.socket, receiver: socket.socket) -> None:
+        from shared.media.wan import DIRECTION_TO_RELAY, seal_keepalive
+
+        leg_a, leg_b = self.legs[flow]
+        sender.sendto(
+            seal_keepalive(office_key(f"a{flow}"), DIRECTION_TO_RELAY, leg_a, 0), self.address
+        )
+        receiver.sendto(
+            seal_keepalive(office_key(f"b{flow}"), DIRECTION_TO_RELAY, leg_b, 0), self.address
+        )
+
+    def packet(self, flow: int, n: int, index: int) -> bytes:
+        from shared.media.rtp import RtpPacket
+        from shared.media.wan import DIRECTION_TO_RELAY, seal
+
+        body = index.to_bytes(8, "big").ljust(160, b"\xd5")
+        payload = RtpPacket(0, n & 0xFFFF, 160 * n & 0xFFFFFFFF, flow, body).encode()
+        return seal(office_key(f"a{flow}"), DIRECTION_TO_RELAY, self.legs[flow][0], 1 + n, payload)
+
+    @staticmethod
+    def index_of(flow: int, data: bytes) -> int | None:
+        from shared.media.wan import DIRECTION_FROM_RELAY, open_untrusted
+
+        try:
+            packet = open_untrusted(office_key(f"b{flow}"), data, DIRECTION_FROM_RELAY)
+        except Exception:
+            return None
+        return int.from_bytes(packet.payload[12:20], "big")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.send(("stop",))
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+class CRelay:
+    name = "C relay (recvmmsg/sendmmsg)"
+
+    def __init__(self, binary: Path) -> None:
+        self.process = subprocess.Popen([str(binary)], stdout=subprocess.PIPE)
+        assert self.process.stdout is not None
+        port = int(self.process.stdout.readline())
+        self.address = (LOOPBACK, port)
+        self.pid = self.process.pid
+
+    def prepare(self, run: int, flows: int) -> None:
+        pass
+
+    def latch(self, flow: int, sender: socket.socket, receiver: socket.socket) -> None:
+        receiver.sendto(b"R" + flow.to_bytes(4, "big"), self.address)
+
+    def packet(self, flow: int, n: int, index: int) -> bytes:
+        return (flow.to_bytes(4, "big") + index.to_bytes(8, "big")).ljust(PACKET_SIZE, b"\xd5")
+
+    @staticmethod
+    def index_of(flow: int, data: bytes) -> int | None:
+        return int.from_bytes(data[4:12], "big")
+
+    def close(self) -> None:
+        stop_process(self.process, grace=2.0)
+
+
+def probe_process(
+    conn: multiprocessing.connection.Connection,
+    sock: socket.socket,
+    index_of: Callable[[int, bytes], int | None],
+) -> None:
+    """Flow 0 alone, in a blocking recv, so that its arrival times are not a drain loop's."""
+    sock.settimeout(0.3)
+    clock = time.perf_counter_ns
+    probe: list[tuple[bytes, int]] = []
+    conn.send("ready")
+    while True:
+        try:
+            data = sock.recv(2048)
+        except TimeoutError:
+            if conn.poll():
+                break
+            continue
+        probe.append((data, clock()))
+    conn.recv()
+    arrivals = {}
+    for data, at in probe:
+        index = index_of(0, data)
+        if index is not None:
+            arrivals[index] = at
+    conn.send((len(probe), arrivals))
+
+
+def counter_process(
+    conn: multiprocessing.connection.Connection,
+    receivers: list[socket.socket],
+    index_of: Callable[[int, bytes], int | None],
+) -> None:
+    """Counts what every receiver but flow 0's (the probe's) gets."""
+    selector = selectors.DefaultSelector()
+    for flow, sock in enumerate(receivers):
+        if flow == 0:
+            continue
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ, flow)
+    selector.register(conn, selectors.EVENT_READ, -1)
+    count = 0
+    stopping_at: float | None = None
+    conn.send("ready")
+    while stopping_at is None or time.monotonic() < stopping_at:
+        for key, _ in selector.select(timeout=0.05):
+            flow = key.data
+            if flow == -1:
+                conn.recv()
+                stopping_at = time.monotonic() + 0.5  # what is still queued arrives
+                selector.unregister(conn)
+                continue
+            ready = cast(socket.socket, key.fileobj)
+            while True:
+                try:
+                    ready.recv(2048)
+                except BlockingIOError:
+                    break
+                count += 1
+    conn.send(count)
+
+
+@dataclass(frozen=True)
+class RelayRun:
+    rate: float | None  # None: flat out
+    sent: int
+    delivered: int
+    seconds: float
+    cpu: float
+    p99_us: float | None
+    p50_us: float | None
+
+    @property
+    def offered_pps(self) -> float:
+        return self.sent / self.seconds
+
+    @property
+    def delivered_pps(self) -> float:
+        return self.delivered / self.seconds
+
+    @property
+    def loss(self) -> float:
+        return (self.sent - self.delivered) / self.sent if self.sent else 1.0
+
+
+RUN_COUNTER = iter(range(1, 1_000_000))
+
+
+def relay_run(
+    relay: Relay, flows: int, seconds: float, rate: float | None, count: bool = True
+) -> RelayRun:
+    """Send 172-byte packets on `flows` flows through `relay`, paced at `rate`/s or flat out.
+
+    `count=False` (the delay runs) leaves flows 1.. to the kernel's receive buffers instead of a
+    draining process, so that the probe's receiver and the relay have the CPUs to themselves.
+    """
+    run = next(RUN_COUNTER)
+    relay.prepare(run, flows)
+    senders, receivers = [], []
+    for flow in range(flows):
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sender.bind((LOOPBACK, 0))
+        sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        receiver.bind((LOOPBACK, 0))
+        relay.latch(flow, sender, receiver)
+        senders.append(sender)
+        receivers.append(receiver)
+    # A flat-out run offers at most what this sender manages; cap what we build in advance.
+    total = int((rate if rate is not None else 150_000) * seconds)
+    per_flow = max(1, total // flows)
+    order: list[tuple[socket.socket, bytes]] = []
+    for n in range(per_flow):
+        for flow in range(flows):
+            order.append((senders[flow], relay.packet(flow, n, n * flows + flow)))
+    context = multiprocessing.get_context("fork")
+    conn, child = context.Pipe()
+    counter = context.Process(
+        target=counter_process,
+        args=(child, receivers if count else receivers[:1], relay.index_of),
+        daemon=True,
+    )
+    counter.start()
+    probe_conn, probe_child = context.Pipe()
+    prober = context.Process(
+        target=probe_process, args=(probe_child, receivers[0], relay.index_of), daemon=True
+    )
+    prober.start()
+    assert conn.recv() == "ready"
+    assert probe_conn.recv() == "ready"
+    time.sleep(0.2)
+    address = relay.address
+    send_times: dict[int, int] = {}
+    cpu_before = cpu_seconds(relay.pid)
+    start = time.monotonic()
+    sent = 0
+    clock = time.perf_counter_ns
+    if rate is None:
+        end = start + seconds
+        for i, (sock, data) in enumerate(order):
+            if i & 63 == 0 and time.monotonic() > end:
+                break
+            if i % flows == 0:
+                send_times[i] = clock()
+            try:
+                sock.sendto(data, address)
+                sent += 1
+            except (BlockingIOError, OSError):
+                pass
+    else:
+        interval = 1.0 / rate
+        for i, (sock, data) in enumerate(order):
+            due = start + i * interval
+            # Sleep, never spin, when ahead: a spinning sender would take a CPU from the relay
+            # and the probe's receiver, and the delay measured would be the scheduler's.
+            ahead = due - time.monotonic()
+            if ahead > 0.0002:
+                time.sleep(ahead)
+            if i % flows == 0:
+                send_times[i] = clock()
+            try:
+                sock.sendto(data, address)
+                sent += 1
+            except (BlockingIOError, OSError):
+                pass
+    elapsed = time.monotonic() - start
+    conn.send("stop")
+    probe_conn.send("stop")
+    delivered = conn.recv()
+    probed, arrivals = probe_conn.recv()
+    delivered += probed
+    cpu = cpu_seconds(relay.pid) - cpu_before
+    counter.join(5)
+    prober.join(5)
+    for sock in senders + receivers:
+        sock.close()
+    delays = sorted((arrivals[i] - t) / 1000 for i, t in send_times.items() if i in arrivals)
+    p99 = delays[min(len(delays) - 1, int(0.99 * len(delays)))] if delays else None
+    p50 = delays[len(delays) // 2] if delays else None
+    return RelayRun(rate, sent, delivered, elapsed, cpu, p99, p50)
+
+
+def relay_capacity(
+    relay: Relay, mode: Mode, previous: RelayRun | None
+) -> tuple[RelayRun, RelayRun]:
+    """Flat out, then paced from 90 % of what got through (or 110 % of the previous repeat's
+    highest good rate) down by 25 % steps until loss < 0.1 %."""
+    flat = relay_run(relay, FLOWS, mode.relay_seconds, None)
+    log(
+        f"  {relay.name} flat out: offered {flat.offered_pps:.0f}/s,"
+        f" delivered {flat.delivered_pps:.0f}/s"
+    )
+    rate = 0.9 * flat.delivered_pps
+    if previous is not None and previous.rate:
+        rate = min(rate, 1.1 * previous.rate)
+    best = None
+    for _ in range(4):
+        run = relay_run(relay, FLOWS, mode.relay_seconds, rate)
+        log(f"  {relay.name} paced {rate:.0f}/s: loss {100 * run.loss:.3f} %")
+        if run.loss < 0.001 and run.offered_pps >= 0.95 * rate:
+            best = run
+            break
+        rate *= 0.75
+    if best is None:
+        best = RelayRun(rate, 0, 0, 1.0, 0.0, None, None)
+    return flat, best
+
+
+def bench_relay(mode: Mode) -> list[Figure]:
+    packets = Figure(
+        "relay",
+        f"Media packets/s relayed by the main host ({PACKET_SIZE}-byte packets, {FLOWS} flows,"
+        " < 0.1 % loss)",
+        "packets/s",
+        ">= 100,000/s (or half the C relay)",
+        anchor_name="C relay, recvmmsg/sendmmsg",
+        cpu_unit="us CPU per packet",
+    )
+    delay = Figure(
+        "relay_p99",
+        "Delay added by one relay hop at half its capacity (p99, incl. the Python sender/receiver)",
+        "us",
+        "< 1 ms (1000 us)",
+        anchor_name="C relay",
+        higher_is_better=False,
+    )
+    c_binary = ensure_c_relay()
+    results: dict[str, list[tuple[RelayRun, RelayRun, RelayRun]]] = {"ours": [], "c": []}
+    relays: dict[str, Relay] = {"ours": OurRelay(), "c": CRelay(c_binary)}
+    try:
+        for n in range(mode.repeats):
+            for side, relay in relays.items():
+                log(f"relay, {relay.name}, repeat {n + 1}")
+                previous = results[side][-1][1] if results[side] else None
+                flat, best = relay_capacity(relay, mode, previous)
+                half_rate = max(best.delivered_pps / 2, 1000)
+                half = relay_run(relay, FLOWS, mode.relay_seconds, half_rate, count=False)
+                log(f"  {relay.name} at half ({half.rate:.0f}/s): p99 {half.p99_us} us")
+                results[side].append((flat, best, half))
+                for what, run in (
+                    ("flat out", flat),
+                    ("highest < 0.1 % loss", best),
+                    ("half", half),
+                ):
+                    packets.runs.append(
+                        {"side": side, "run": what, **dataclasses.asdict(run),
+                         "offered_pps": run.offered_pps, "delivered_pps": run.delivered_pps,
+                         "loss": run.loss}
+                    )  # fmt: skip
+    finally:
+        for relay in relays.values():
+            relay.close()
+
+    def cpu_us(runs: list[tuple[RelayRun, RelayRun, RelayRun]]) -> float:
+        return median([1e6 * b.cpu / b.delivered for _, b, _ in runs if b.delivered] or [0.0])
+
+    packets.ours = median([b.delivered_pps for _, b, _ in results["ours"]])
+    packets.anchor = median([b.delivered_pps for _, b, _ in results["c"]])
+    packets.ours_cpu = cpu_us(results["ours"])
+    packets.anchor_cpu = cpu_us(results["c"])
+    packets.target_met = packets.ours >= 100_000 or packets.ours >= packets.anchor / 2
+    sender_max = median([f.offered_pps for f, _, _ in results["c"]])
+    c_flat = median([f.delivered_pps for f, _, _ in results["c"]])
+    if c_flat >= 0.95 * sender_max:
+        packets.note = (
+            f"The C relay kept up with everything the Python sender offered ({sender_max:.0f}/s):"
+            " its figure is the sender's limit, not the relay's, so 'half the C relay' is"
+            " measured against a lower bound."
+        )
+    p99s = [h.p99_us for _, _, h in results["ours"] if h.p99_us is not None]
+    c_p99s = [h.p99_us for _, _, h in results["c"] if h.p99_us is not None]
+    delay.ours = median(p99s) if p99s else None
+    delay.anchor = median(c_p99s) if c_p99s else None
+    delay.target_met = delay.ours is not None and delay.ours < 1000
+    delay.note = (
+        "Send to receive on loopback of one probe flow of the 200, at half of each relay's own"
+        " capacity (figure 2); the C relay's figure is close to the measuring floor (a Python"
+        " sender and a Python receiver sharing the CPUs with the relay)."
+    )
+    return [packets, delay]
+
+
+# --- 4: the trunk --------------------------------------------------------------------------
+
+
+def bench_trunk(mode: Mode) -> Figure:
+    figure = Figure(
+        "trunk",
+        "Trunk messages/s over one connection, pipelined (CallProgress)",
+        "messages/s",
+        ">= 100,000/s",
+        cpu_unit="us CPU per message (both ends)",
+    )
+    for n in range(mode.repeats):
+        log(f"trunk, repeat {n + 1}")
+        rate, cpu = trunk_once(mode.trunk_messages)
+        log(f"  {rate:.0f} messages/s")
+        figure.runs.append({"messages": mode.trunk_messages, "rate": rate, "cpu": cpu})
+    figure.ours = median([r["rate"] for r in figure.runs])
+    figure.ours_cpu = median([1e6 * r["cpu"] / r["messages"] for r in figure.runs])
+    figure.target_met = figure.ours >= 100_000
+    figure.note = (
+        "No anchor. Client and server TrunkSession with TrunkConnection in one process (one"
+        " core), over loopback TCP without TLS: the session, framing and msgpack cost only."
+    )
+    return figure
+
+
+def trunk_once(messages: int) -> tuple[float, float]:
+    import trio
+
+    from shared.aio.trunk import TrunkConnection
+    from shared.wire.messages import CallProgress
+    from shared.wire.session import LoginAttempt, Received, State, TrunkSession
+
+    ca_cert = b"bench CA"
+    secret = b"s" * 32
+    result: dict[str, float] = {}
+
+    async def main() -> None:
+        listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
+        port = listeners[0].socket.getsockname()[1]
+        done = trio.Event()
+
+        async def serve(stream: trio.SocketStream) -> None:
+            now = trio.current_time()
+            session = TrunkSession.server(
+                now, nonce=b"n" * 32, software="bench", ca_cert=ca_cert,
+                heartbeat_interval=5.0, dead_after=30.0,
+            )  # fmt: skip
+            conn = TrunkConnection(stream, session)
+            received = 0
+            started = 0.0
+            while True:
+                event = await conn.next_event()
+                if isinstance(event, LoginAttempt):
+                    session.complete_login(
+                        secret, now=trio.current_time(), public_ip=LOOPBACK, public_port=1,
+                        session="bench",
+                    )  # fmt: skip
+                elif isinstance(event, Received):
+                    if received == 0:
+                        started = time.perf_counter()
+                        result["cpu"] = time.process_time()
+                    received += 1
+                    if received == messages:
+                        result["seconds"] = time.perf_counter() - started
+                        result["cpu"] = time.process_time() - result["cpu"]
+                        done.set()
+                        return
+                elif event.__class__.__name__ == "Closed":
+                    done.set()
+                    return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, serve, listeners)
+            stream = await trio.open_tcp_stream(LOOPBACK, port)
+            session = TrunkSession.client(
+                trio.current_time(), office="bench", secret=secret, client_nonce=b"c" * 32,
+                software="bench", ca_sha256=hashlib.sha256(ca_cert).digest(),
+            )  # fmt: skip
+            client = TrunkConnection(stream, session)
+
+            established = trio.Event()
+
+            async def client_events() -> None:
+                while session.state is not State.CLOSED:
+                    await client.next_event()
+                    if session.state is State.ESTABLISHED:
+                        established.set()
+
+            nursery.start_soon(client_events)
+            await established.wait()
+            message = CallProgress("bench-call-0123456789@127.0.0.1", 180, "Ringing")
+            batch = 200
+            for i in range(0, messages, batch):
+                for _ in range(min(batch, messages - i)):
+                    session.send(message)
+                await client.flush()
+            await done.wait()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return messages / result["seconds"], result["cpu"]
+
+
+# --- the report ----------------------------------------------------------------------------
+
+
+def not_measured(key: str, name: str, unit: str, target: str, why: str) -> Figure:
+    return Figure(key, name, unit, target, note=f"not measured: {why}")
+
+
+def fmt(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "not measured"
+    if digits == 0:
+        return f"{value:,.0f}"
+    return f"{value:,.{digits}f}"
+
+
+def write_report(figures: list[Figure], out: Path, args: argparse.Namespace, wall: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    mode = "quick" if args.quick else "full"
+    repeats = QUICK.repeats if args.quick else FULL.repeats
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [
+        f"# Benchmarks ({mode}: median of {repeats}, {when})",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs,"
+        f" Python {platform.python_version()}; everything on loopback; {wall:.0f} s in all.",
+        "",
+        "| figure | ours | anchor | anchor value | ours / anchor | CPU per unit (ours) |"
+        " CPU per unit (anchor) | target | target met |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in figures:
+        digits = 1 if f.unit.startswith("MB") else 0
+        ours = f"{fmt(f.ours, digits)} {f.unit}" if f.ours is not None else "not measured"
+        ratio = f"{f.ratio:.2f}" if f.ratio is not None else "-"
+        cpu = f"{f.ours_cpu:.3g} {f.cpu_unit}" if f.ours_cpu is not None else "-"
+        acpu = f"{f.anchor_cpu:.3g} {f.cpu_unit}" if f.anchor_cpu is not None else "-"
+        met = {True: "yes", False: "**no**", None: "-"}[f.target_met]
+        anchor = fmt(f.anchor, digits) if f.anchor is not None else "-"
+        lines.append(
+            f"| {f.name} | {ours} | {f.anchor_name or '-'} | {anchor} | {ratio} | {cpu} |"
+            f" {acpu} | {f.target} | {met} |"
+        )
+    lines += ["", "## Notes", ""]
+    for f in figures:
+        if f.note:
+            lines.append(f"- **{f.key}**: {f.note.strip()}")
+    if PROFILE:
+        lines += ["", "## Profile of the remote host under REGISTER load (py-spy)", ""]
+        lines += ["| function (self time) | % of samples |", "|---|---|"]
+        lines += [f"| `{p['function']}` | {p['self_percent']} |" for p in PROFILE]
+        lines += ["", "| function (inclusive time) | % of samples |", "|---|---|"]
+        lines += [f"| `{p['function']}` | {p['total_percent']} |" for p in PROFILE_TOTAL[:15]]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    data = {
+        "mode": mode,
+        "repeats": repeats,
+        "cpus": os.cpu_count(),
+        "seconds": round(wall, 1),
+        "figures": [{**dataclasses.asdict(f), "ratio": f.ratio} for f in figures],
+        "profile": {"self": PROFILE, "inclusive": PROFILE_TOTAL},
+    }
+    (out / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 repeats, short steps (< 2 min)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the report goes")
+    parser.add_argument("--profile", action="store_true", help="py-spy the REGISTER benchmark")
+    parser.add_argument(
+        "--only", action="append", choices=["register", "relay", "trunk"], help="just these"
+    )
+    args = parser.parse_args()
+    mode = QUICK if args.quick else FULL
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    only = set(args.only or ["register", "relay", "trunk"])
+    wall = time.monotonic()
+    figures: list[Figure] = []
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        work = Path(tmp)
+        if "register" in only:
+            try:
+                figures += bench_register(mode, work / "register", args.profile)
+            except Exception as exc:  # a figure that fails is reported, the rest still runs
+                figures.append(
+                    not_measured(
+                        "register", "REGISTER/s", "registrations/s", ">= 5,000/s", repr(exc)
+                    )
+                )
+        if "relay" in only:
+            try:
+                figures += bench_relay(mode)
+            except Exception as exc:
+                figures.append(
+                    not_measured(
+                        "relay", "Relayed packets/s", "packets/s", ">= 100,000/s", repr(exc)
+                    )
+                )
+        if "trunk" in only:
+            try:
+                figures.append(bench_trunk(mode))
+            except Exception as exc:
+                figures.append(
+                    not_measured(
+                        "trunk", "Trunk messages/s", "messages/s", ">= 100,000/s", repr(exc)
+                    )
+                )
+    figures.append(
+        not_measured(
+            "calls_office",
+            "Calls/s inside one office through a remote host",
+            "calls/s",
+            ">= 1,000/s",
+            "the SIPp UAC -> remote host -> SIPp UAS scenario and the Kamailio proxy anchor are"
+            " not built yet (a call inside an office also needs the main host's grant).",
+        )
+    )
+    figures.append(
+        not_measured(
+            "calls_between",
+            "Calls/s between offices",
+            "calls/s",
+            ">= 500/s",
+            "needs two offices and the trunk in the loop; not built yet.",
+        )
+    )
+    figures.append(
+        not_measured(
+            "relay_remote",
+            "Packets/s through a remote host",
+            "packets/s",
+            ">= 60,000/s",
+            "the remote host's media legs are not driven by this suite yet.",
+        )
+    )
+    write_report(figures, args.out, args, time.monotonic() - wall)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
