@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from remotehost.location import Binding, Location
 from shared.ratelimit import FailureThrottle
-from shared.sip.digest import DigestVerifier
+from shared.sip.digest import DigestResult, DigestVerifier
 from shared.sip.errors import SipParseError
 from shared.sip.message import SipRequest, SipResponse, make_response
 from shared.sip.uri import SipUri
@@ -92,6 +92,41 @@ class Registrar:
     def blocked(self, ip: str, now: float) -> bool:
         return self.throttle.blocked(ip, now)
 
+    def check_credentials(
+        self,
+        credentials: str | None,
+        *,
+        method: str,
+        uri: str,
+        ip: str,
+        now: float,
+        who: str | None,
+    ) -> DigestResult:
+        """Verify a request's digest credentials and count a wrong one against the source.
+
+        One place for REGISTER (401) and INVITE (407), so that guessing through either path
+        blocks the address alike. A success does not wipe the address's failures (they are
+        forgotten `block_seconds` after the last one): else a phone with one good account could
+        guess the others' passwords forever, authenticating itself between guesses.
+        """
+        result = self.verifier.verify(
+            credentials, method=method, uri=uri, now=now, lookup_ha1=self.lookup_ha1
+        )
+        if result.status == "bad":
+            self.stats.auth_failures += 1
+            failures = self.throttle.failure(ip, now)
+            if self.throttle.blocked(ip, now):
+                self.stats.blocked_sources += 1
+                log.warning(
+                    "blocking %s for %.0f s after %d failed authentications (last: %s for %r)",
+                    ip,
+                    self.policy.block_seconds,
+                    failures,
+                    method,
+                    who,
+                )
+        return result
+
     def handle_register(
         self, request: SipRequest, origin: Origin, now: float
     ) -> SipResponse | None:
@@ -131,26 +166,15 @@ class Registrar:
                 request, 420, "Bad Extension", [("Unsupported", ", ".join(unsupported))]
             )
         # Step 3: authentication (RFC 3261 §22, RFC 7616 / RFC 8760).
-        result = self.verifier.verify(
+        result = self.check_credentials(
             request.headers.get("Authorization"),
             method="REGISTER",
             uri=request.uri,
+            ip=origin.ip,
             now=now,
-            lookup_ha1=self.lookup_ha1,
+            who=_user(request),
         )
         if not result.ok:
-            if result.status == "bad":
-                self.stats.auth_failures += 1
-                failures = self.throttle.failure(origin.ip, now)
-                if self.throttle.blocked(origin.ip, now):
-                    self.stats.blocked_sources += 1
-                    log.warning(
-                        "blocking %s for %.0f s after %d failed authentications (last for %r)",
-                        origin.ip,
-                        self.policy.block_seconds,
-                        failures,
-                        _user(request),
-                    )
             self.stats.challenged += 1
             return self._reply(
                 request,
@@ -158,9 +182,6 @@ class Registrar:
                 "Unauthorized",
                 [("WWW-Authenticate", c) for c in result.challenges],
             )
-        # A success does not wipe the address's failures (they are forgotten block_seconds
-        # after the last one): else a phone with one good account could guess the others'
-        # passwords forever, registering itself between guesses.
         # Step 6: the authenticated user may change only its own extension's bindings.
         aor = _user(request)
         if aor is None or aor != result.username:

@@ -277,21 +277,15 @@ class SipService:
     def _authenticate(self, request: SipRequest, source: Source) -> SipResponse | str:
         now = self._wall()
         ip = source.remote[0]
-        registrar = self.registrar
-        result = registrar.verifier.verify(
+        result = self.registrar.check_credentials(
             request.headers.get("Proxy-Authorization"),
             method="INVITE",
             uri=request.uri,
+            ip=ip,
             now=now,
-            lookup_ha1=self._lookup_ha1,
+            who=request.headers.get("From"),
         )
         if not result.ok:
-            if result.status == "bad":
-                registrar.stats.auth_failures += 1
-                registrar.throttle.failure(ip, now)
-                if registrar.throttle.blocked(ip, now):
-                    registrar.stats.blocked_sources += 1
-                    log.warning("blocking %s after failed INVITE authentications", ip)
             self.stats.invites_challenged += 1
             return self._reply(
                 request,
@@ -299,7 +293,7 @@ class SipService:
                 "Proxy Authentication Required",
                 [("Proxy-Authenticate", c) for c in result.challenges],
             )
-        # As for REGISTER, a success does not wipe the address's failures (registrar.py).
+        # As for REGISTER, a success does not wipe the address's failures (check_credentials).
         try:
             uri = request.from_.uri
         except SipParseError:
