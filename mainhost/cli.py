@@ -11,7 +11,6 @@ import ipaddress
 import json
 import logging
 import secrets
-import signal
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from shared.cli import (
     ago,
     make_private_dir,
     run_main,
+    serve_until_signal,
     setup_logging,
     unwrap_group,
     when,
@@ -437,14 +437,7 @@ def watch_status(data: Path, interval: float = 1.0) -> int:
 
 
 async def _serve(data: Path, config: MainHostConfig) -> None:
-    host = MainHost(data, config)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(host.serve)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("%s: shutting down", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+    await serve_until_signal(MainHost(data, config).serve, "mainhost")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import secrets
-import signal
 import ssl
 import sys
 import time
@@ -37,6 +36,7 @@ from shared.cli import (
     ago,
     make_private_dir,
     run_main,
+    serve_until_signal,
     setup_logging,
     unwrap_group,
     write_private,
@@ -155,14 +155,7 @@ def cmd_join(args: argparse.Namespace) -> int:
 
 
 async def _serve(data: Path, config: RemoteHostConfig) -> None:
-    host = RemoteHost(data, config)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(host.serve)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("%s: shutting down", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+    await serve_until_signal(RemoteHost(data, config).serve, "remotehost")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -12,10 +12,12 @@ import contextlib
 import datetime
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import trio
 from rich.console import Console
 from rich.logging import RichHandler
 
@@ -134,3 +136,15 @@ def unwrap_group(
             raise leaf from None
         if isinstance(leaf, KeyboardInterrupt):
             raise leaf from None
+
+
+async def serve_until_signal(serve: Callable[..., Awaitable[object]], name: str) -> None:
+    """Run a host's `serve` (a `nursery.start`-style task) until SIGTERM or SIGINT."""
+    log = logging.getLogger(name)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
