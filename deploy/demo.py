@@ -156,9 +156,22 @@ def place_call(lab: netlab.Lab, system: LabSystem, *, workdir: Path) -> None:
             f" codec {got['codec']}, jitter {got['jitter_ms']:.1f} ms"
         )
     relay = system.main_status().get("relay") or {}
+    forwarded = relay.get("forwarded", 0)
+    dropped = sum(v for k, v in relay.items() if k.startswith("dropped_"))
+    sent = sum(
+        json.loads(x).get("packets_sent", 0)
+        for output in (calling.stdout, answer_out)
+        for x in output.splitlines()
+        if x.startswith("{")
+    )
+    how = (
+        "through the main host's relay"
+        if forwarded >= 0.9 * sent
+        else "directly between the offices once both NATs allowed it (F4), the rest relayed"
+    )
     console.print(
-        f"  the main host relayed {relay.get('forwarded', 0)} encrypted packets; dropped"
-        f" {sum(v for k, v in relay.items() if k.startswith('dropped_'))} that did not authenticate"
+        f"  the audio went {how}: the relay forwarded {forwarded} of {sent} encrypted packets"
+        f" and dropped {dropped} that did not authenticate"
     )
 
 
