@@ -1378,12 +1378,22 @@ def explain_limits(figures: list[Figure]) -> None:
             continue
         scale = per_unit_seconds.get(f.cpu_unit.split()[0], 1.0)
         ceiling = 1 / (f.ours_cpu * scale)
+        share = f.ours / ceiling
         f.note += (
             f" Target not reached. At {f.ours_cpu:.3g} {f.cpu_unit}, one CPU allows at most"
-            f" {ceiling:,.0f}/s; measured {f.ours:,.0f}/s ({100 * f.ours / ceiling:.0f} % of"
-            " that), so the limit is CPU time in our single Python process (one trio thread,"
-            " one core), not the network or the peer."
+            f" {ceiling:,.0f}/s; measured {f.ours:,.0f}/s ({100 * share:.0f} % of that)"
         )
+        if share >= 0.7:
+            f.note += (
+                ", so the limit is CPU time in our single Python process (one trio thread, one"
+                " core), not the network or the peer."
+            )
+        else:
+            f.note += (
+                ": the process was not CPU-bound, something else limits it (see the steps in"
+                " report.json: failures at rates it managed before point at state an earlier"
+                " overload left behind)."
+            )
         if f.key == "register" and PROFILE:
             top = ", ".join(f"`{p['function']}` {p['self_percent']} %" for p in PROFILE[:5])
             f.note += f" Top functions by own time (py-spy): {top}."
