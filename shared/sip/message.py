@@ -314,6 +314,32 @@ class _Accessors:
 
     __slots__ = ()
     headers: Headers
+    body: bytes
+    _raw: bytes | None
+    _raw_stamp: tuple[object, ...] | None
+
+    def _stamp(self) -> tuple[object, ...]:
+        raise NotImplementedError
+
+    @property
+    def start_line(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def raw(self) -> bytes | None:
+        """The exact bytes this message was parsed from, while it is unchanged."""
+        return self._raw if _stamp_matches(self._raw_stamp, self._stamp()) else None
+
+    def encode(self) -> bytes:
+        """Serialize with a correct Content-Length; unchanged messages return their bytes."""
+        raw = self.raw
+        if raw is not None:
+            return raw
+        data = _encode(self.start_line, self.headers, self.body)
+        # The slots are the dataclasses' (SipRequest, SipResponse), not this mixin's.
+        self._raw = data  # type: ignore[misc]
+        self._raw_stamp = self._stamp()  # type: ignore[misc]
+        return data
 
     def _single(self, name: str) -> str | None:
         values = self.headers._lookup(name) or ()
@@ -526,21 +552,6 @@ class SipRequest(_Accessors):
     def start_line(self) -> str:
         return f"{self.method} {self.uri} {self.version}"
 
-    @property
-    def raw(self) -> bytes | None:
-        """The exact bytes this request was parsed from, while it is unchanged."""
-        return self._raw if _stamp_matches(self._raw_stamp, self._stamp()) else None
-
-    def encode(self) -> bytes:
-        """Serialize with a correct Content-Length; unchanged messages return their bytes."""
-        raw = self.raw
-        if raw is not None:
-            return raw
-        data = _encode(self.start_line, self.headers, self.body)
-        self._raw = data
-        self._raw_stamp = self._stamp()
-        return data
-
 
 @dataclass(slots=True, eq=True)
 class SipResponse(_Accessors):
@@ -567,21 +578,6 @@ class SipResponse(_Accessors):
     @property
     def start_line(self) -> str:
         return f"{self.version} {self.status} {self.reason}"
-
-    @property
-    def raw(self) -> bytes | None:
-        """The exact bytes this response was parsed from, while it is unchanged."""
-        return self._raw if _stamp_matches(self._raw_stamp, self._stamp()) else None
-
-    def encode(self) -> bytes:
-        """Serialize with a correct Content-Length; unchanged messages return their bytes."""
-        raw = self.raw
-        if raw is not None:
-            return raw
-        data = _encode(self.start_line, self.headers, self.body)
-        self._raw = data
-        self._raw_stamp = self._stamp()
-        return data
 
 
 SipMessage = SipRequest | SipResponse
