@@ -250,6 +250,40 @@ class StepResult:
         return self.good and self.achieved >= 0.9 * self.target
 
 
+def run_sipp_step(
+    argv: list[str],
+    workdir: Path,
+    stats_file: Path,
+    rate: float,
+    seconds: float,
+    cpu: Callable[[], float],
+) -> StepResult:
+    """Run one SIPp step and read what it reports: calls ok and failed, its own elapsed time,
+    and the CPU seconds `cpu()` says the measured process used meanwhile."""
+    before = cpu()
+    wall = time.monotonic()
+    subprocess.run(
+        argv,
+        cwd=workdir,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=seconds + 60,
+        check=False,
+    )
+    wall = time.monotonic() - wall
+    used = cpu() - before
+    stats = read_stats(stats_file)
+    ok = int(stats.get("SuccessfulCall(C)", "0"))
+    failed = int(stats.get("FailedCall(C)", "0"))
+    elapsed = wall
+    if stats:
+        start = float(stats["StartTime"].split("\t")[-1])
+        end = float(stats["CurrentTime"].split("\t")[-1])
+        elapsed = end - start or wall
+    return StepResult(rate, ok, failed, elapsed, used)
+
+
 def read_stats(path: Path) -> dict[str, str]:
     with path.open(newline="") as f:
         rows = list(csv.reader(f, delimiter=";"))
@@ -303,28 +337,7 @@ def sipp_register_step(
     argv += ["-buff_size", "4194304", "-recv_timeout", "1000"]
     argv += ["-timeout", f"{seconds + 20:g}s", "-default_behaviors", "all,-bye"]
     argv += ["-trace_stat", "-stf", str(stats_file), "-fd", "1"]
-    before = cpu()
-    wall = time.monotonic()
-    subprocess.run(
-        argv,
-        cwd=workdir,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        timeout=seconds + 60,
-        check=False,
-    )
-    wall = time.monotonic() - wall
-    used = cpu() - before
-    stats = read_stats(stats_file)
-    ok = int(stats.get("SuccessfulCall(C)", "0"))
-    failed = int(stats.get("FailedCall(C)", "0"))
-    elapsed = wall
-    if stats:
-        start = float(stats["StartTime"].split("\t")[-1])
-        end = float(stats["CurrentTime"].split("\t")[-1])
-        elapsed = end - start or wall
-    return StepResult(rate, ok, failed, elapsed, used)
+    return run_sipp_step(argv, workdir, stats_file, rate, seconds, cpu)
 
 
 def find_max_rate(step: Callable[[float], StepResult], start: float, bisections: int) -> StepResult:
@@ -684,28 +697,7 @@ def sipp_call_step(
     argv += ["-m", str(calls), "-l", str(max(200, int(rate))), "-nostdin"]
     argv += ["-buff_size", "4194304", "-recv_timeout", "1500"]
     argv += ["-timeout", f"{seconds + 20:g}s", "-trace_stat", "-stf", str(stats_file), "-fd", "1"]
-    before = cpu()
-    wall = time.monotonic()
-    subprocess.run(
-        argv,
-        cwd=workdir,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        timeout=seconds + 60,
-        check=False,
-    )
-    wall = time.monotonic() - wall
-    used = cpu() - before
-    stats = read_stats(stats_file)
-    ok = int(stats.get("SuccessfulCall(C)", "0"))
-    failed = int(stats.get("FailedCall(C)", "0"))
-    elapsed = wall
-    if stats:
-        start = float(stats["StartTime"].split("\t")[-1])
-        end = float(stats["CurrentTime"].split("\t")[-1])
-        elapsed = end - start or wall
-    return StepResult(rate, ok, failed, elapsed, used)
+    return run_sipp_step(argv, workdir, stats_file, rate, seconds, cpu)
 
 
 @contextlib.contextmanager
