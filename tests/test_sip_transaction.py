@@ -880,6 +880,92 @@ def test_layer_is_bounded_and_answers_503_beyond() -> None:
     assert any(isinstance(e, RequestReceived) for e in events)
 
 
+def test_completed_non_invite_server_transactions_answer_retransmissions_until_timer_j() -> None:
+    layer = TransactionLayer()
+    req = request("REGISTER", branch=MAGIC_COOKIE + "reg")
+    [received] = layer.receive(req, 0.0, "phone", reliable=False)
+    assert isinstance(received, RequestReceived)
+    ok = response(req, 200)
+    [sent] = layer.send_response(received.key, ok, 0.1)
+    assert isinstance(sent, SendMessage) and sent.message is ok
+    # Kept as its response only: no state machine, but still a transaction of the layer.
+    assert layer.get(received.key) is None and received.key in layer and len(layer) == 1
+    assert layer.statistics().completed == 1
+    assert layer.get_timer() == pytest.approx(0.1 + 64 * T1)
+    # §17.2.2: each retransmission gets the final response again; the TU sees nothing.
+    for now in (0.6, 1.6, 20.0):
+        [again] = layer.receive(
+            request("REGISTER", branch=MAGIC_COOKIE + "reg"), now, "x", reliable=False
+        )
+        assert again == SendMessage(received.key, ok, "phone", False)
+    with pytest.raises(TransactionError):  # the TU cannot answer twice
+        layer.send_response(received.key, response(req, 500), 1.0)
+    assert layer.handle_timer(0.1 + 64 * T1 - 0.01) == []
+    assert layer.handle_timer(0.1 + 64 * T1) == [TransactionTerminated(received.key)]
+    assert len(layer) == 0 and layer.get_timer() is None and received.key not in layer
+    stats = layer.statistics()
+    assert stats.retransmissions_absorbed == 3 and stats.retransmissions_sent == 3
+    assert stats.server_created == stats.terminated == 1
+    # After Timer J the same request is a new transaction again.
+    events = layer.receive(
+        request("REGISTER", branch=MAGIC_COOKIE + "reg"), 40.0, "x", reliable=False
+    )
+    assert [type(e) for e in events] == [RequestReceived]
+
+
+def test_a_storm_of_answered_requests_never_fills_the_layer() -> None:
+    """A registration storm leaves thousands of answered transactions waiting for Timer J;
+    they must not push new requests into 503 (they used to, for 32 s), and they stay within
+    `max_completed`, oldest dropped first."""
+    layer = TransactionLayer(max_transactions=3, max_completed=5)
+    keys = []
+    for i in range(12):
+        req = request("OPTIONS", branch=f"{MAGIC_COOKIE}storm{i}")
+        events = layer.receive(req, i * 0.01, "p", reliable=False)
+        [received] = events
+        assert isinstance(received, RequestReceived), i
+        keys.append(received.key)
+        layer.send_response(received.key, response(req, 200), i * 0.01)
+    stats = layer.statistics()
+    assert stats.overload_refused == 0
+    assert stats.completed == 5 and stats.completed_evicted == 7 and len(layer) == 5
+    assert [k in layer for k in keys] == [False] * 7 + [True] * 5
+    # The oldest kept one expires first.
+    assert layer.get_timer() == pytest.approx(0.07 + 64 * T1)
+    # Unanswered ones still count against max_transactions.
+    for i in range(3):
+        layer.receive(request("OPTIONS", branch=f"{MAGIC_COOKIE}open{i}"), 1.0, "p", reliable=False)
+    [refusal] = layer.receive(
+        request("OPTIONS", branch=MAGIC_COOKIE + "more"), 1.0, "p", reliable=False
+    )
+    assert isinstance(refusal, SendMessage) and isinstance(refusal.message, SipResponse)
+    assert refusal.message.status == 503
+
+
+def test_a_transport_error_ends_a_completed_transaction() -> None:
+    layer = TransactionLayer()
+    req = request("BYE", branch=MAGIC_COOKIE + "bye")
+    [received] = layer.receive(req, 0.0, "p", reliable=False)
+    assert isinstance(received, RequestReceived)
+    layer.send_response(received.key, response(req, 200), 0.0)
+    assert layer.transport_error(received.key, 0.5) == [
+        TransportFailure(received.key, None),
+        TransactionTerminated(received.key),
+    ]
+    assert len(layer) == 0 and layer.get_timer() is None
+    assert layer.transport_error(received.key, 0.6) == []
+
+
+def test_over_tcp_an_answered_request_ends_at_once() -> None:
+    layer = TransactionLayer()
+    req = request("REGISTER", branch=MAGIC_COOKIE + "tcp")
+    [received] = layer.receive(req, 0.0, "conn", reliable=True)
+    assert isinstance(received, RequestReceived)
+    events = layer.send_response(received.key, response(req, 200), 0.0)
+    assert [type(e) for e in events] == [SendMessage, TransactionTerminated]
+    assert len(layer) == 0 and layer.statistics().completed == 0
+
+
 def test_layer_timers_run_earliest_first_and_remove_terminated() -> None:
     layer = TransactionLayer(random_bytes=counter_bytes())
     assert layer.get_timer() is None
@@ -1071,7 +1157,7 @@ class Endpoint:
         message = parse_message_untrusted(data)
         if isinstance(message, SipRequest):
             validate_request_untrusted(message)
-            existed = self.layer.get(server_key(message)) is not None
+            existed = server_key(message) in self.layer
             if message.method != "ACK":
                 self.requests_seen.append((message, existed))
         else:
@@ -1309,7 +1395,9 @@ class LayerUnderRandomTraffic(RuleBasedStateMachine):
 
     @initialize()
     def start(self) -> None:
-        self.layer = TransactionLayer(max_transactions=6, random_bytes=counter_bytes())
+        self.layer = TransactionLayer(
+            max_transactions=6, max_completed=3, random_bytes=counter_bytes()
+        )
         self.now = 0.0
         self.server_keys: list[TransactionKey] = []
         self.client_keys: list[TransactionKey] = []
@@ -1382,7 +1470,8 @@ class LayerUnderRandomTraffic(RuleBasedStateMachine):
         try:
             key, events = self.layer.send_request(req, self.now, "peer", reliable=reliable)
         except OverloadError:
-            assert len(self.layer) == self.layer.max_transactions
+            live = len(self.layer) - self.layer.statistics().completed
+            assert live == self.layer.max_transactions
             return
         self.client_keys.append(key)
         self.feed(events)
@@ -1403,7 +1492,8 @@ class LayerUnderRandomTraffic(RuleBasedStateMachine):
         if not hasattr(self, "layer"):
             return
         stats = self.layer.statistics()
-        assert len(self.layer) <= self.layer.max_transactions
+        assert len(self.layer) - stats.completed <= self.layer.max_transactions
+        assert stats.completed <= self.layer.max_completed
         assert stats.active == len(self.layer)
         assert stats.client_created + stats.server_created - stats.terminated == len(self.layer)
         assert all(not t.terminated for t in self.layer._transactions.values())

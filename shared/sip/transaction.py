@@ -485,9 +485,13 @@ Event = (
 
 @dataclass(slots=True)
 class TransactionStatistics:
-    """Counters since the layer was created; `active` is the current number of transactions."""
+    """Counters since the layer was created. `active` is the current number of transactions,
+    of which `completed` are non-INVITE server transactions kept only to answer retransmissions
+    (see `TransactionLayer`); `completed_evicted` counts those ended early to stay in bounds."""
 
     active: int = 0
+    completed: int = 0
+    completed_evicted: int = 0
     client_created: int = 0
     server_created: int = 0
     terminated: int = 0
@@ -851,6 +855,16 @@ _CLASSES: dict[tuple[bool, bool], type[Transaction]] = {
 
 
 @dataclass(slots=True)
+class _Completed:
+    """What is left of a non-INVITE server transaction in Completed over an unreliable
+    transport: the final response to send again and where to, until Timer J (§17.2.2)."""
+
+    response: SipResponse
+    peer: object
+    expires: float
+
+
+@dataclass(slots=True)
 class _Deadline:
     when: float
     order: int
@@ -863,11 +877,21 @@ class _Deadline:
 class TransactionLayer:
     """All transactions of one SIP endpoint, keyed for O(1) matching, with one timer heap.
 
-    When `max_transactions` are live, a new request (except ACK, which is never answered) gets
-    a stateless 503 with Retry-After instead of a transaction: the client learns to back off
-    (§21.5.4) instead of retransmitting at us for 32 s, and the answer is no larger than the
-    request, so it amplifies nothing. Dropping would cost us the same parse on every
-    retransmission. A TU that starts a client transaction then gets `OverloadError`.
+    A non-INVITE server transaction that has answered over UDP has nothing left to do but
+    send its final response again to each retransmission of the request, for Timer J (64*T1 =
+    32 s, §17.2.2). Those are most of the transactions of a busy registrar (two per
+    registration), so the layer keeps only the response, the peer and the expiry of each, in
+    completion order, which is also expiry order (Timer J is the same for all): no timer heap
+    entry, a few hundred bytes instead of the whole machine. Up to `max_completed` are kept;
+    beyond that the oldest is dropped (counted in `completed_evicted`): a retransmission that
+    late is then taken as a new request, which costs a parse, not a refusal.
+
+    When `max_transactions` are live (not counting the completed ones above), a new request
+    (except ACK, which is never answered) gets a stateless 503 with Retry-After instead of a
+    transaction: the client learns to back off (§21.5.4) instead of retransmitting at us for
+    32 s, and the answer is no larger than the request, so it amplifies nothing. Dropping would
+    cost us the same parse on every retransmission. A TU that starts a client transaction then
+    gets `OverloadError`.
     """
 
     def __init__(
@@ -875,25 +899,34 @@ class TransactionLayer:
         *,
         timers: TimerConfig = DEFAULT_TIMERS,
         max_transactions: int = 10_000,
+        max_completed: int = 100_000,
         retry_after: int = 5,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
         logger: logging.Logger | None = None,
     ) -> None:
         self.timers = timers
         self.max_transactions = max_transactions
+        self.max_completed = max_completed
         self.retry_after = retry_after
         self._random_bytes = random_bytes
         self._logger = logger or logging.getLogger(__name__)
         self._transactions: dict[TransactionKey, Transaction] = {}
+        self._completed: dict[TransactionKey, _Completed] = {}  # oldest first
         self._heap: list[_Deadline] = []
         self._scheduled: dict[TransactionKey, float] = {}
         self._order = 0
         self._stats = TransactionStatistics()
 
     def __len__(self) -> int:
-        return len(self._transactions)
+        return len(self._transactions) + len(self._completed)
+
+    def __contains__(self, key: object) -> bool:
+        """Whether a transaction (a completed one kept for retransmissions too) has `key`."""
+        return key in self._transactions or key in self._completed
 
     def get(self, key: TransactionKey) -> Transaction | None:
+        """The state machine of transaction `key`; None for a completed non-INVITE server
+        transaction, which is kept only as its response (`in` tells it exists)."""
         return self._transactions.get(key)
 
     def new_branch(self) -> str:
@@ -901,7 +934,8 @@ class TransactionLayer:
 
     def statistics(self) -> TransactionStatistics:
         stats = self._stats
-        stats.active = len(self._transactions)
+        stats.active = len(self)
+        stats.completed = len(self._completed)
         return dataclasses.replace(stats)
 
     # -- TU side --
@@ -939,7 +973,12 @@ class TransactionLayer:
         """The transport failed to send a message of transaction `key` (from `SendMessage`)."""
         transaction = self._transactions.get(key)
         if transaction is None:
-            return []
+            if self._completed.pop(key, None) is None:
+                return []
+            # Completed + transport error: Terminated, the TU informed (§17.2.4, figure 8).
+            self._stats.transport_errors += 1
+            self._stats.terminated += 1
+            return [TransportFailure(key, None), TransactionTerminated(key)]
         self._stats.transport_errors += 1
         return self._after(transaction, transaction.transport_error(now))
 
@@ -984,6 +1023,12 @@ class TransactionLayer:
             if request.method != "ACK":
                 self._stats.retransmissions_absorbed += 1
             return self._after(transaction, transaction.receive(request, now))
+        completed = self._completed.get(key)
+        if completed is not None:
+            # §17.2.2: in Completed, a retransmission gets the final response again.
+            self._stats.retransmissions_absorbed += 1
+            self._stats.retransmissions_sent += 1
+            return [SendMessage(key, completed.response, completed.peer, False)]
         if len(self._transactions) >= self.max_transactions:
             self._stats.overload_refused += 1
             self._logger.debug("SIP transaction limit reached: 503 to %s", request.method)
@@ -1019,6 +1064,14 @@ class TransactionLayer:
 
     def get_timer(self) -> float | None:
         """The earliest timer of any transaction, or None."""
+        when = self._heap_timer()
+        if self._completed:
+            first = next(iter(self._completed.values())).expires
+            if when is None or first < when:
+                return first
+        return when
+
+    def _heap_timer(self) -> float | None:
         heap = self._heap
         while heap:
             head = heap[0]
@@ -1030,8 +1083,17 @@ class TransactionLayer:
     def handle_timer(self, now: float) -> list[Event]:
         """Run every transaction timer due at `now`."""
         events: list[Event] = []
+        completed = self._completed
+        while completed:
+            key, first = next(iter(completed.items()))
+            if first.expires > now:
+                break
+            # Timer J: Completed -> Terminated.
+            del completed[key]
+            self._stats.terminated += 1
+            events.append(TransactionTerminated(key))
         while True:
-            when = self.get_timer()
+            when = self._heap_timer()
             if when is None or when > now:
                 return events
             key = heapq.heappop(self._heap).key
@@ -1055,6 +1117,11 @@ class TransactionLayer:
                 stats.terminated += 1
             self._scheduled.pop(key, None)
             return events
+        if transaction.state is State.COMPLETED and isinstance(
+            transaction, NonInviteServerTransaction
+        ):
+            self._keep_completed(transaction)
+            return events
         when = transaction.get_timer()
         if when is None:
             self._scheduled.pop(key, None)
@@ -1065,6 +1132,21 @@ class TransactionLayer:
             if len(self._heap) > 4 * len(self._scheduled) + 64:
                 self._compact()
         return events
+
+    def _keep_completed(self, transaction: Transaction) -> None:
+        """Replace a non-INVITE server transaction that entered Completed by its `_Completed`."""
+        key = transaction.key
+        expires = transaction.deadline(Timer.J)
+        response = transaction.last_response
+        assert expires is not None and response is not None  # Completed over UDP
+        del self._transactions[key]
+        self._scheduled.pop(key, None)
+        completed = self._completed
+        while len(completed) >= max(1, self.max_completed):
+            del completed[next(iter(completed))]
+            self._stats.completed_evicted += 1
+            self._stats.terminated += 1
+        completed[key] = _Completed(response, transaction.peer, expires)
 
     def _compact(self) -> None:
         self._heap = [d for d in self._heap if self._scheduled.get(d.key) == d.when]
