@@ -18,6 +18,10 @@ from pathlib import Path
 
 from tests.peerhelpers import HostFailed, Office, free_sip_port, open_office, run_cli
 
+# F7's WAN voice budget of both offices: 10 Gbit/s, so the figures measure call handling and
+# not the budget (the default 2 Mbit/s admits 21 G.711 calls at once).
+WAN_KBPS = 10_000_000
+
 
 @dataclass
 class TwoOffices:
@@ -34,7 +38,7 @@ class TwoOffices:
 
 
 def start_second_office(first: Office, root: Path, phones: dict[str, str], *, name: str,
-                        extensions: str, attempts: int = 3) -> Office:  # fmt: skip
+                        extensions: str, wan_kbps: int, attempts: int = 3) -> Office:  # fmt: skip
     """Add office `name` to the main host `first` runs, join its remote host and serve it."""
     second = Office(root, phones, name=name, extensions=extensions)
     # The main host is `first`'s: same data directory, same process, same STUN port.
@@ -42,7 +46,7 @@ def start_second_office(first: Office, root: Path, phones: dict[str, str], *, na
     second.main = first.main
     second.stun_port = first.stun_port
     run_cli("mainhost", "office", "add", name, "--extensions", extensions,
-            "--data", first.main_data)  # fmt: skip
+            "--wan-kbps", str(wan_kbps), "--data", first.main_data)  # fmt: skip
     second.add_phones(phones)
     token = run_cli("mainhost", "office", "token", name, "--data", first.main_data)
     second.sip_port = free_sip_port()
@@ -69,17 +73,23 @@ def open_two_offices(
     *,
     extensions_a: str = "2000-2099",
     extensions_b: str = "3000-3099",
+    wan_kbps: int = WAN_KBPS,
 ) -> Iterator[TwoOffices]:
     """Offices berlin (`extensions_a`) and munich (`extensions_b`) on one main host; all three
-    processes stopped on exit, always."""
+    processes stopped on exit, always. Both offices' WAN voice budget is `wan_kbps`."""
     root.mkdir(parents=True, exist_ok=True)
     with open_office(root / "berlin", phones_a, extensions=extensions_a) as a:
+        # Set before munich logs in, and the main host applies it within a second, long
+        # before the first call (munich's start alone takes longer).
+        run_cli("mainhost", "office", "set", a.name, "--wan-kbps", str(wan_kbps),
+                "--data", a.main_data)  # fmt: skip
         b = Office(root / "munich", phones_b, name="munich", extensions=extensions_b)
         try:
             (root / "munich").mkdir(exist_ok=True)
             b = start_second_office(
-                a, root / "munich", phones_b, name="munich", extensions=extensions_b
-            )
+                a, root / "munich", phones_b, name="munich", extensions=extensions_b,
+                wan_kbps=wan_kbps,
+            )  # fmt: skip
             yield TwoOffices(a, b)
         finally:
             b.stop_remote()  # only its remote host: the main host is a's
