@@ -24,7 +24,7 @@ from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
-from shared.wire.frame import ErrorCode, Frame, WireError, encode_frame
+from shared.wire.frame import HEADER, ErrorCode, Frame, WireError, encode_frame
 
 PROTOCOL_VERSION = 1
 MIN_PROTOCOL_VERSION = 1
@@ -36,7 +36,7 @@ class Message:
 
     __slots__ = ()
     TYPE: ClassVar[int]
-    _checkers: ClassVar[tuple[tuple[str, Callable[[Any, str], Any], Any], ...]]
+    _spec: ClassVar[_Spec]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,112 +53,203 @@ RECORDS: set[type[Any]] = set()
 
 M = TypeVar("M", bound=type[Message])
 R = TypeVar("R", bound=type[Any])
+_MISSING: Any = dataclasses.MISSING
 
 
-def _bad(where: str, what: str) -> WireError:
-    return WireError(ErrorCode.BAD_MESSAGE, f"{where}: {what}")
+class _Bad(Exception):
+    """A decoded value is wrong; `path` collects where ("[0]", ".addresses") on the way out.
+
+    The checkers build no path while a value is fine: the path of a value deep in a directory
+    costs a string per item, which only an error needs.
+    """
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+        self.path: list[str] = []  # innermost first
+
+    def wire_error(self, where: str) -> WireError:
+        return WireError(
+            ErrorCode.BAD_MESSAGE, f"{where}{''.join(reversed(self.path))}: {self.what}"
+        )
 
 
-def _checker(hint: Any) -> Callable[[Any, str], Any]:
+Check = Callable[[Any], Any]
+
+
+def _checker(hint: Any) -> Check:
     """Build a function that checks (and, for records, converts) one decoded value."""
     if hint is Any:
-        return lambda v, where: v
+        return lambda v: v
     if hint is bool:
 
-        def check_bool(v: Any, where: str) -> Any:
+        def check_bool(v: Any) -> Any:
             if not isinstance(v, bool):
-                raise _bad(where, f"expected a boolean, got {type(v).__name__}")
+                raise _Bad(f"expected a boolean, got {type(v).__name__}")
             return v
 
         return check_bool
     if hint is int:
 
-        def check_int(v: Any, where: str) -> Any:
+        def check_int(v: Any) -> Any:
             if isinstance(v, bool) or not isinstance(v, int):
-                raise _bad(where, f"expected an integer, got {type(v).__name__}")
+                raise _Bad(f"expected an integer, got {type(v).__name__}")
             return v
 
         return check_int
     if hint is float:
 
-        def check_float(v: Any, where: str) -> Any:
+        def check_float(v: Any) -> Any:
             if isinstance(v, bool) or not isinstance(v, int | float):
-                raise _bad(where, f"expected a number, got {type(v).__name__}")
+                raise _Bad(f"expected a number, got {type(v).__name__}")
             return float(v)
 
         return check_float
     if hint in (str, bytes):
 
-        def check_scalar(v: Any, where: str) -> Any:
+        def check_scalar(v: Any) -> Any:
             if not isinstance(v, hint):
-                raise _bad(where, f"expected {hint.__name__}, got {type(v).__name__}")
+                raise _Bad(f"expected {hint.__name__}, got {type(v).__name__}")
             return v
 
         return check_scalar
     if hint in RECORDS:
-        return _record_checker(hint)
+        build: Check = hint._spec.build
+        return build
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (types.UnionType, typing.Union) and type(None) in args:
         (inner,) = [a for a in args if a is not type(None)]
         check_inner = _checker(inner)
-        return lambda v, where: None if v is None else check_inner(v, where)
+        return lambda v: None if v is None else check_inner(v)
     if origin is list:
         check_item = _checker(args[0])
 
-        def check_list(v: Any, where: str) -> Any:
+        def check_list(v: Any) -> Any:
             if not isinstance(v, list):
-                raise _bad(where, f"expected a list, got {type(v).__name__}")
-            return [check_item(item, f"{where}[{i}]") for i, item in enumerate(v)]
+                raise _Bad(f"expected a list, got {type(v).__name__}")
+            try:
+                return [check_item(item) for item in v]
+            except _Bad as exc:
+                exc.path.append(f"[{_first_bad(check_item, v)}]")
+                raise
 
         return check_list
     if origin is dict:
         check_value = _checker(args[1])
 
-        def check_dict(v: Any, where: str) -> Any:
+        def check_dict(v: Any) -> Any:
             if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
-                raise _bad(where, "expected a map with string keys")
-            return {k: check_value(item, f"{where}.{k}") for k, item in v.items()}
+                raise _Bad("expected a map with string keys")
+            try:
+                return {k: check_value(item) for k, item in v.items()}
+            except _Bad as exc:
+                exc.path.append(f".{_first_bad(check_value, v.values(), list(v))}")
+                raise
 
         return check_dict
     raise TypeError(f"no wire checker for type {hint!r}")
 
 
-def _compile(cls: type[Any]) -> tuple[tuple[str, Callable[[Any, str], Any], Any], ...]:
+def _first_bad(check: Check, values: Any, keys: list[Any] | None = None) -> Any:
+    """The index (or key) of the first value `check` refuses: the error path, found again."""
+    for i, value in enumerate(values):
+        try:
+            check(value)
+        except _Bad:
+            return i if keys is None else keys[i]
+    return "?"
+
+
+# The types whose decoded value is used as is when msgpack gives exactly that type (msgpack
+# builds no subclasses): the decoder's fast path skips the checker call for them.
+_EXACT = {bool: bool, int: int, float: float, str: str, bytes: bytes}
+# Values of these field types are sent as they are; anything else goes through _plain().
+_PLAIN_SCALARS = (bool, int, float, str, bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    """How one registered class is decoded and encoded, compiled once at registration.
+
+    `build(body)` turns a decoded msgpack map into an instance (raising _Bad), `body_map(obj)`
+    turns an instance into the map to pack. Both are generated as straight-line Python source,
+    one statement per field, the way `dataclasses` writes `__init__`: a loop over a field table
+    costs several times more per message, and the trunk decodes and encodes every message.
+    """
+
+    build: Callable[[Any], Any]
+    body_map: Callable[[Any], dict[str, Any]]
+
+
+def _optional_inner(hint: Any) -> Any:
+    """T for `T | None`, else None."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(inner) == 1 and len(typing.get_args(hint)) == 2:
+            return inner[0]
+    return None
+
+
+def _slow_path(
+    name: str, check: Check, default: Any, factory: Callable[[], Any] | None
+) -> Callable[[Any], Any]:
+    """One field's value when it is missing or not simply of its exact type; raise _Bad."""
+
+    def slow(value: Any) -> Any:
+        if value is _MISSING:
+            if factory is not None:
+                return factory()
+            if default is _MISSING:
+                raise _Bad(f"required field '{name}' is missing")
+            return default
+        try:
+            return check(value)
+        except _Bad as exc:
+            exc.path.append(f".{name}")
+            raise
+
+    return slow
+
+
+def _compile(cls: type[Any]) -> _Spec:
     hints = typing.get_type_hints(cls)
-    compiled = []
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            default: Any = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory
+    namespace: dict[str, Any] = {"cls": cls, "_Bad": _Bad, "_MISSING": _MISSING, "_plain": _plain}
+    build = [
+        "def build(body):",
+        "    if not isinstance(body, dict):",
+        "        raise _Bad('body is not a map')",
+        "    get = body.get",
+    ]
+    args = []
+    items = []
+    for i, f in enumerate(dataclasses.fields(cls)):
+        if not f.init or f.kw_only:
+            # build() passes the fields by position, in declaration order.
+            raise TypeError(f"{cls.__name__}.{f.name}: a wire field must be a positional one")
+        hint = hints[f.name]
+        factory = None if f.default_factory is dataclasses.MISSING else f.default_factory
+        namespace[f"slow{i}"] = _slow_path(f.name, _checker(hint), f.default, factory)
+        build.append(f"    v{i} = get({f.name!r}, _MISSING)")
+        exact = _EXACT.get(hint) or _EXACT.get(_optional_inner(hint))
+        if exact is not None:
+            namespace[f"exact{i}"] = exact
+            build.append(f"    if type(v{i}) is not exact{i}:")
+            build.append(f"        v{i} = slow{i}(v{i})")
         else:
-            default = dataclasses.MISSING
-        compiled.append((f.name, _checker(hints[f.name]), default))
-    return tuple(compiled)
-
-
-def _build(cls: type[Any], body: Any, where: str) -> Any:
-    if not isinstance(body, dict):
-        raise _bad(where, "body is not a map")
-    values = {}
-    for name, check, default in cls._checkers:
-        if name in body:
-            values[name] = check(body[name], f"{where}.{name}")
-        elif default is dataclasses.MISSING:
-            raise _bad(where, f"required field '{name}' is missing")
-        elif callable(default):
-            values[name] = default()
-    return cls(**values)
-
-
-def _record_checker(cls: type[Any]) -> Callable[[Any, str], Any]:
-    return lambda v, where: _build(cls, v, where)
+            build.append(f"    v{i} = slow{i}(v{i})")
+        args.append(f"v{i}")
+        plain = hint in _PLAIN_SCALARS or _optional_inner(hint) in _PLAIN_SCALARS
+        items.append(f"{f.name!r}: msg.{f.name}" if plain else f"{f.name!r}: _plain(msg.{f.name})")
+    build.append(f"    return cls({', '.join(args)})")
+    source = "\n".join(build) + "\n\ndef body_map(msg):\n    return {" + ", ".join(items) + "}\n"
+    exec(compile(source, f"<wire codec for {cls.__qualname__}>", "exec"), namespace)
+    return _Spec(namespace["build"], namespace["body_map"])
 
 
 def record(cls: R) -> R:
     """Register a frozen dataclass used as a nested value inside messages."""
-    cls._checkers = _compile(cls)
+    cls._spec = _compile(cls)
     RECORDS.add(cls)
     return cls
 
@@ -170,7 +261,7 @@ def message(code: int) -> Callable[[M], M]:
         if code in MESSAGES:
             raise ValueError(f"type code {code} already used by {MESSAGES[code].__name__}")
         cls.TYPE = code
-        cls._checkers = _compile(cls)
+        cls._spec = _compile(cls)
         MESSAGES[code] = cls
         return cls
 
@@ -179,7 +270,7 @@ def message(code: int) -> Callable[[M], M]:
 
 def _plain(value: Any) -> Any:
     if type(value) in RECORDS:
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return value._spec.body_map(value)
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
@@ -187,9 +278,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def encode_body(msg: Message) -> bytes:
-    plain = {f.name: _plain(getattr(msg, f.name)) for f in dataclasses.fields(msg)}  # type: ignore[arg-type]
-    packed: bytes = msgpack.packb(plain, use_bin_type=True)
+def new_packer() -> msgpack.Packer:
+    """A Packer for `encode_body`: one per session, reused for every message it sends.
+
+    `msgpack.packb` makes (and allocates a buffer for) a new Packer on every call; reusing one
+    takes that out of the per-message cost. A Packer is not shared between threads.
+    """
+    return msgpack.Packer(use_bin_type=True)
+
+
+def encode_body(msg: Message, packer: msgpack.Packer | None = None) -> bytes:
+    body = msg._spec.body_map(msg)
+    packed: bytes = msgpack.packb(body, use_bin_type=True) if packer is None else packer.pack(body)
     return packed
 
 
@@ -197,7 +297,22 @@ def encode_message(msg: Message, *, channel: int = 0) -> bytes:
     return encode_frame(msg.TYPE, encode_body(msg), channel=channel)
 
 
+def append_message(
+    out: bytearray, msg: Message, packer: msgpack.Packer, *, channel: int = 0
+) -> None:
+    """Append `msg`'s frame to `out`: `encode_message` without building the frame's bytes."""
+    body = encode_body(msg, packer)
+    out += HEADER.pack(len(body), msg.TYPE, 0, channel)
+    out += body
+
+
+_CONTAINERS = frozenset((dict, list))  # what msgpack decodes a map and an array to
+
+
 def _depth_ok(value: Any, limit: int) -> bool:
+    # The common body is one map of scalars: answered in C, without the walk's stack.
+    if type(value) is dict and _CONTAINERS.isdisjoint(map(type, value.values())):
+        return True
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
@@ -214,23 +329,37 @@ def _depth_ok(value: Any, limit: int) -> bool:
 
 def decode_message_untrusted(frame: Frame) -> Message | UnknownMessage:
     """Decode a frame's body into its registered message; raise only WireError."""
-    cls = MESSAGES.get(frame.type)
+    return decode_body_untrusted(frame.type, frame.channel, frame.body)
+
+
+def decode_body_untrusted(
+    type_code: int, channel: int, body: bytes | bytearray
+) -> Message | UnknownMessage:
+    """Decode one frame's body, given as its parts (the session's path); raise only WireError."""
+    cls = MESSAGES.get(type_code)
     if cls is None:
-        return UnknownMessage(frame.type, frame.channel, frame.body)
+        return UnknownMessage(type_code, channel, bytes(body))
     try:
-        body = msgpack.unpackb(
-            frame.body,
+        value = msgpack.unpackb(
+            body,
             raw=False,
             strict_map_key=True,
             use_list=True,
-            # unpackb() derives its max_*_len limits from len(frame.body) by itself.
+            # unpackb() derives its max_*_len limits from len(body) by itself.
         )
     except Exception as exc:  # msgpack raises many kinds: all of them are the peer's fault
         raise _bad(cls.__name__, f"body is not valid msgpack ({type(exc).__name__})") from None
-    if not _depth_ok(body, MAX_DEPTH):
+    if not _depth_ok(value, MAX_DEPTH):
         raise _bad(cls.__name__, f"nesting deeper than {MAX_DEPTH}")
-    result: Message = _build(cls, body, cls.__name__)
+    try:
+        result: Message = cls._spec.build(value)
+    except _Bad as exc:
+        raise exc.wire_error(cls.__name__) from None
     return result
+
+
+def _bad(where: str, what: str) -> WireError:
+    return WireError(ErrorCode.BAD_MESSAGE, f"{where}: {what}")
 
 
 # --- The catalogue ---------------------------------------------------------------------------
