@@ -55,8 +55,9 @@ from shared.wire.messages import (
     LoginRefused,
     Message,
     UnknownMessage,
-    decode_message_untrusted,
-    encode_message,
+    append_message,
+    decode_body_untrusted,
+    new_packer,
 )
 
 HANDSHAKE_TIMEOUT = 10.0
@@ -188,6 +189,7 @@ class TrunkSession:
         self._decoder = FrameDecoder(max_body)
         self._events: deque[Event] = deque()
         self._out = bytearray()
+        self._packer = new_packer()
         self._last_received = now
         self._next_heartbeat: float | None = None
         self._handshake_deadline: float | None = now + HANDSHAKE_TIMEOUT
@@ -275,20 +277,39 @@ class TrunkSession:
             return
         self._last_received = now
         self._decoder.feed(data)
+        events = self._events
         try:
-            while not self.closed:
-                frame = self._decoder.next_frame_untrusted()
-                if frame is None:
-                    break
-                msg = decode_message_untrusted(frame)
-                self._handle(msg, frame.channel, now)
+            for type_code, _flags, channel, body in self._decoder.frames_untrusted():
+                if self.state is State.ESTABLISHED and type_code not in _SESSION_CODES:
+                    # The hot path: any message but the session's own, once logged in. What
+                    # _handle() would do with it, without its table look-up.
+                    msg = decode_body_untrusted(type_code, channel, body)
+                    if isinstance(msg, UnknownMessage):
+                        events.append(Ignored(msg))
+                    else:
+                        events.append(Received(msg, channel))
+                    continue
+                self._handle(decode_body_untrusted(type_code, channel, body), channel, now)
+                if self.closed:
+                    break  # whatever follows a Close (or a refusal) is not read
         except WireError as exc:
             self.close(exc.code, exc.reason)
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
+    @property
+    def pending_events(self) -> int:
+        """How many events `next_event()` would return before None."""
+        return len(self._events)
+
+    @property
+    def pending_output(self) -> int:
+        """How many bytes `data_to_send()` would return now."""
+        return len(self._out)
+
     def data_to_send(self) -> bytes:
+        """Every frame queued since the last call, as one piece for one write."""
         out = bytes(self._out)
         self._out.clear()
         return out
@@ -296,7 +317,7 @@ class TrunkSession:
     def send(self, msg: Message, *, channel: int = 0) -> None:
         if self.state is not State.ESTABLISHED:
             raise LocalProtocolError(f"cannot send {type(msg).__name__} in state {self.state}")
-        if _is_handshake(msg) or isinstance(msg, Close):
+        if msg.TYPE in _SESSION_ONLY_CODES:
             # The session's own vocabulary: sent by hand, the peer would take it as a protocol
             # violation (or a goodbye) while our state still says ESTABLISHED. Use close().
             raise LocalProtocolError(f"{type(msg).__name__} is sent by the session itself")
@@ -388,7 +409,7 @@ class TrunkSession:
     # -- internals --
 
     def _queue(self, msg: Message, channel: int = 0) -> None:
-        self._out += encode_message(msg, channel=channel)
+        append_message(self._out, msg, self._packer, channel=channel)
 
     def _finish(self, code: int, reason: str, *, by_peer: bool) -> None:
         self.state = State.CLOSED
@@ -496,3 +517,10 @@ class TrunkSession:
 
 def _is_handshake(msg: Message) -> bool:
     return isinstance(msg, Hello | Challenge | Login | LoginOk | LoginRefused)
+
+
+_HANDSHAKE_CODES = frozenset(cls.TYPE for cls in (Hello, Challenge, Login, LoginOk, LoginRefused))
+# Sent only by the session itself: its handshake and Close (send() refuses them).
+_SESSION_ONLY_CODES = _HANDSHAKE_CODES | {Close.TYPE}
+# Handled by the session, never handed up as Received: the above and Heartbeat.
+_SESSION_CODES = _SESSION_ONLY_CODES | {Heartbeat.TYPE}
