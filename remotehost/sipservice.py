@@ -132,6 +132,7 @@ class SipService:
         self._missed: dict[tuple[str, str], int] = {}
         self._dirty: dict[str, list[Binding]] = {}
         self._timer_changed = trio.Event()
+        self._timer_wake = float("inf")  # when _run_timers wakes up unless told otherwise
         self.calls: Legs | None = None
         self._texts: dict[TransactionKey, trio.MemorySendChannel[str | None]] = {}
         location.add_listener(self._on_location_change)
@@ -181,14 +182,14 @@ class SipService:
             log.debug("response %d not sent: %s", response.status, exc)
             return
         await self._process(events)
-        self._timer_changed.set()
+        self._timers_moved()
 
     async def request(self, request: SipRequest, destination: Destination) -> TransactionKey:
         key, events = self.layer.send_request(
             request, trio.current_time(), destination, reliable=destination.transport == "tcp"
         )
         await self._process(events)
-        self._timer_changed.set()
+        self._timers_moved()
         return key
 
     async def send_direct(self, message: SipMessage, destination: Destination) -> None:
@@ -226,7 +227,7 @@ class SipService:
         now = trio.current_time()
         events = self.layer.receive(message, now, source, reliable=source.transport == "tcp")
         await self._process(events)
-        self._timer_changed.set()
+        self._timers_moved()
 
     async def _process(self, events: list[Event]) -> None:
         for event in events:
@@ -367,11 +368,20 @@ class SipService:
 
     # --- over time ---
 
+    def _timers_moved(self) -> None:
+        """Wake `_run_timers` if the layer's earliest timer is now before the one it sleeps
+        until. Most messages only add later timers: waking it for each would cost a task
+        switch per message for nothing."""
+        when = self.layer.get_timer()
+        if when is not None and when < self._timer_wake:
+            self._timer_changed.set()
+
     async def _run_timers(self) -> None:
         while True:
             deadline = self.layer.get_timer()
             self._timer_changed = trio.Event()
-            with trio.move_on_at(deadline if deadline is not None else float("inf")):
+            self._timer_wake = deadline if deadline is not None else float("inf")
+            with trio.move_on_at(self._timer_wake):
                 await self._timer_changed.wait()
                 continue
             await self._process(self.layer.handle_timer(trio.current_time()))
@@ -436,7 +446,7 @@ class SipService:
         self._pings[key] = Ping(key, binding.ext, binding.contact)
         self.stats.pings_sent += 1
         await self._process(events)
-        self._timer_changed.set()
+        self._timers_moved()
 
     async def send_text(
         self, binding: Binding, text: str, *, sender: str, now: float, timeout: float = 40.0
@@ -482,7 +492,7 @@ class SipService:
         self._texts[key] = send
         try:
             await self._process(events)
-            self._timer_changed.set()
+            self._timers_moved()
             with trio.move_on_after(timeout):
                 return await receive.receive()
             return "timeout"

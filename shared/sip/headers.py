@@ -19,6 +19,7 @@ messages cache parsed values: build a new value (`with_tag`, `with_params`, `dat
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -533,15 +534,23 @@ def parse_via_untrusted(value: str) -> Via:
     return Via(transport.upper(), host, port, params, f"{name.upper()}/{version}")
 
 
+@functools.lru_cache(maxsize=4096)
+def _is_ip_address(text: str) -> bool:
+    """Whether `text` is an IP address (IPv6 perhaps in brackets). Cached: every response we
+    route carries the `received` we stamped, and the same few addresses come back."""
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 def _check_via_params(params: dict[str, str | None]) -> None:
     if "branch" in params and not params["branch"]:
         raise bad_request("Empty Via branch")
     received = params.get("received")
-    if received is not None:
-        try:
-            ipaddress.ip_address(received.strip("[]"))
-        except ValueError:
-            raise bad_request("Via received is not an IP address") from None
+    if received is not None and not _is_ip_address(received):
+        raise bad_request("Via received is not an IP address")
     rport = params.get("rport")
     if rport is not None and not (rport.isascii() and rport.isdigit() and int(rport) <= 65535):
         raise bad_request("Bad Via rport")
