@@ -53,7 +53,7 @@ from shared.wire.messages import (
     new_packer,
 )
 from shared.wire.session import Closed, Ignored, LoggedIn, LoginAttempt, Received, TrunkSession
-from tests.wirehelpers import SessionPair, any_message, frames_in
+from tests.wirehelpers import SessionPair, any_message, frames_in, message_strategy
 
 # --- frames_untrusted --------------------------------------------------------------------------
 
@@ -287,6 +287,40 @@ def test_depth_is_counted_in_fields_read_or_not(where: str) -> None:
             RegistrationUpdate,
         )
     assert "nesting deeper than" in bad_reason(RegistrationUpdate, too_deep)
+
+
+SCALAR_ONLY = [cls for cls in MESSAGES.values() if cls._spec.exact_build is not None]
+
+
+def test_the_shortcut_exists_for_scalar_messages_only() -> None:
+    assert CallProgress in SCALAR_ONLY and Heartbeat in SCALAR_ONLY
+    assert OfficeReport not in SCALAR_ONLY  # lists and records need their checkers
+
+
+@given(st.sampled_from(SCALAR_ONLY).flatmap(message_strategy))
+def test_the_shortcut_agrees_with_the_full_build(msg: Message) -> None:
+    spec = msg._spec
+    body = msgpack.unpackb(encode_body(msg))
+    shortcut = spec.exact_build(body)  # type: ignore[misc]
+    assert shortcut is None or shortcut == spec.build(body) == msg
+    # Anything but exactly what our encoder writes is left to the full build.
+    assert spec.exact_build({**body, "later": 1}) is None  # type: ignore[misc]
+    if body:
+        first = next(iter(body))
+        assert spec.exact_build({k: v for k, v in body.items() if k != first}) is None  # type: ignore[misc]
+        assert spec.exact_build({**body, first: [body[first]]}) is None  # type: ignore[misc]
+
+
+def test_a_scalar_message_with_a_deep_unknown_field_is_still_refused() -> None:
+    fields = {"call_id": "c", "status": 180, "reason": ""}
+    ok = {**fields, "later": nested(MAX_DEPTH)}
+    assert decode_body_untrusted(CallProgress.TYPE, 0, msgpack.packb(ok)) == CallProgress("c", 180)
+    assert "nesting deeper than" in bad_reason(CallProgress, {**ok, "later": nested(MAX_DEPTH + 1)})
+    # A known field nested too deep: the depth error, as before, not a type error.
+    too_deep = {**fields, "call_id": nested(MAX_DEPTH + 1)}
+    assert "nesting deeper than" in bad_reason(CallProgress, too_deep)
+    wrong = {**fields, "call_id": nested(MAX_DEPTH)}
+    assert bad_reason(CallProgress, wrong) == "CallProgress.call_id: expected str, got list"
 
 
 @pytest.fixture

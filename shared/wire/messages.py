@@ -180,6 +180,10 @@ class _Spec:
 
     build: Callable[[Any], Any]
     body_map: Callable[[Any], dict[str, Any]]
+    # For a class of scalar fields only: the instance if the body is exactly what our own
+    # encoder writes (every field, each of exactly its type, nothing else), else None. Such a
+    # body is one level deep, so it needs no depth walk either.
+    exact_build: Callable[[Any], Any] | None
 
 
 def _optional_inner(hint: Any) -> Any:
@@ -223,7 +227,14 @@ def _compile(cls: type[Any]) -> _Spec:
     ]
     args = []
     items = []
-    for i, f in enumerate(dataclasses.fields(cls)):
+    fields = dataclasses.fields(cls)
+    exact_build = [
+        "def exact_build(body):",
+        f"    if type(body) is not dict or len(body) != {len(fields)}:",
+        "        return None",
+        "    get = body.get",
+    ]
+    for i, f in enumerate(fields):
         if not f.init or f.kw_only:
             # build() passes the fields by position, in declaration order.
             raise TypeError(f"{cls.__name__}.{f.name}: a wire field must be a positional one")
@@ -236,15 +247,23 @@ def _compile(cls: type[Any]) -> _Spec:
             namespace[f"exact{i}"] = exact
             build.append(f"    if type(v{i}) is not exact{i}:")
             build.append(f"        v{i} = slow{i}(v{i})")
+            exact_build.append(f"    v{i} = get({f.name!r})")
+            exact_build.append(f"    if type(v{i}) is not exact{i}:")
+            exact_build.append("        return None")
         else:
             build.append(f"    v{i} = slow{i}(v{i})")
+            exact_build = []  # a field that needs its checker: no shortcut for this class
         args.append(f"v{i}")
         plain = hint in _PLAIN_SCALARS or _optional_inner(hint) in _PLAIN_SCALARS
         items.append(f"{f.name!r}: msg.{f.name}" if plain else f"{f.name!r}: _plain(msg.{f.name})")
     build.append(f"    return cls({', '.join(args)})")
-    source = "\n".join(build) + "\n\ndef body_map(msg):\n    return {" + ", ".join(items) + "}\n"
-    exec(compile(source, f"<wire codec for {cls.__qualname__}>", "exec"), namespace)
-    return _Spec(namespace["build"], namespace["body_map"])
+    if exact_build:
+        exact_build.append(f"    return cls({', '.join(args)})")
+    source = "\n".join(
+        [*build, "", *exact_build, "", "def body_map(msg):", f"    return {{{', '.join(items)}}}"]
+    )
+    exec(compile(source + "\n", f"<wire codec for {cls.__qualname__}>", "exec"), namespace)
+    return _Spec(namespace["build"], namespace["body_map"], namespace.get("exact_build"))
 
 
 def record(cls: R) -> R:
@@ -349,10 +368,15 @@ def decode_body_untrusted(
         )
     except Exception as exc:  # msgpack raises many kinds: all of them are the peer's fault
         raise _bad(cls.__name__, f"body is not valid msgpack ({type(exc).__name__})") from None
+    spec = cls._spec
+    if spec.exact_build is not None:
+        exact: Message | None = spec.exact_build(value)
+        if exact is not None:
+            return exact
     if not _depth_ok(value, MAX_DEPTH):
         raise _bad(cls.__name__, f"nesting deeper than {MAX_DEPTH}")
     try:
-        result: Message = cls._spec.build(value)
+        result: Message = spec.build(value)
     except _Bad as exc:
         raise exc.wire_error(cls.__name__) from None
     return result
