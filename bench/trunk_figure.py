@@ -2,10 +2,11 @@
 
 The same measurement as `bench_trunk` in bench/run.py, plus where the CPU goes. A client and a
 server `TrunkSession`, each driven by its `TrunkConnection`, in one process over loopback TCP
-(no TLS): once logged in, the client queues `CallProgress` messages 200 at a time and flushes
-each batch with one write; the server takes them one `next_event()` at a time. The rate is
-messages over the wall time from the first message received to the last; the CPU per message
-is this process's user + system time over the same span (both ends, one trio thread, one core).
+(no TLS): once logged in, the client queues `CallProgress` messages 200 at a time
+(`send_nowait`) and flushes each batch with one write; the server takes them one
+`next_event()` at a time. The rate is messages over the wall time from the first message
+received to the last; the CPU per message is this process's user + system time over the same
+span (both ends, one trio thread, one core).
 
 Each repeat also measures the sans-I/O part alone, without trio or sockets: the client
 session's `send()` (encoding and queueing) and the server session's `receive_data()` plus
@@ -141,7 +142,7 @@ def trunk_once(messages: int) -> tuple[float, float]:
             message = CallProgress("bench-call-0123456789@127.0.0.1", 180, "Ringing")
             for i in range(0, messages, BATCH):
                 for _ in range(min(BATCH, messages - i)):
-                    session.send(message)
+                    client.send_nowait(message)
                 await client.flush()
             await done.wait()
             nursery.cancel_scope.cancel()

@@ -497,7 +497,7 @@ async def connected_pair() -> tuple[TrunkConnection, TrunkConnection]:
 async def send_burst(conn: TrunkConnection, count: int) -> list[Message]:
     msgs: list[Message] = [DirectoryAck(i) for i in range(count)]
     for msg in msgs:
-        conn.session.send(msg)
+        conn.send_nowait(msg)
     await conn.flush()  # one write for all of them
     return msgs
 
@@ -566,3 +566,57 @@ async def test_output_queued_by_the_session_goes_out_before_the_event(
         while not isinstance(event := await client.next_event(), Received):
             pass
     assert event == Received(DirectoryAck(99), 0)
+
+
+class CountingStream(trio.abc.Stream):
+    """A stream that counts the writes made through it (and forwards them)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.writes: list[bytes] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_send_nowait_queues_and_one_flush_writes_them_all(autojump_clock: Any) -> None:
+    client, server = await connected_pair()
+    counting = CountingStream(client.stream)
+    client.stream = counting
+    for i in range(5):
+        client.send_nowait(DirectoryAck(i), channel=i)
+    assert counting.writes == []  # nothing written yet
+    await client.flush()
+    assert len(counting.writes) == 1
+    assert frames_in(counting.writes[0]) == [DirectoryAck(i) for i in range(5)]
+    await client.send(DirectoryAck(5))
+    assert len(counting.writes) == 2
+    with trio.fail_after(10):
+        got = [await server.next_event() for _ in range(6)]
+    assert got == [Received(DirectoryAck(i), i if i < 5 else 0) for i in range(6)]
+
+
+async def test_send_nowait_before_login_is_connection_lost(autojump_clock: Any) -> None:
+    from trio.testing import memory_stream_pair
+
+    from shared.aio.trunk import ConnectionLost
+
+    stream, _ = memory_stream_pair()
+    session = TrunkSession.client(
+        0.0, office="o", secret=b"k" * 32, client_nonce=b"c" * 32, software="t"
+    )
+    conn = TrunkConnection(stream, session)
+    hello = session.pending_output
+    with pytest.raises(ConnectionLost, match="not established"):
+        conn.send_nowait(DirectoryAck(1))
+    assert session.pending_output == hello  # nothing queued

@@ -38,10 +38,20 @@ class TrunkConnection:
         self._cheap_events = 0  # events next_event() may return without a schedule point
 
     async def send(self, msg: Message, *, channel: int = 0) -> None:
+        """Queue `msg` and write it (with whatever else is queued) before returning."""
+        self.send_nowait(msg, channel=channel)
+        await self.flush()
+
+    def send_nowait(self, msg: Message, *, channel: int = 0) -> None:
+        """Queue `msg` for the next write (`flush()`, `send()`, or `next_event()`).
+
+        For many messages at once: a write per message costs a system call and trips through
+        the scheduler on both ends, several times what encoding the message does, so queue
+        them all with this and `flush()` once.
+        """
         if self.session.state is not State.ESTABLISHED:
             raise ConnectionLost("trunk session is not established")
         self.session.send(msg, channel=channel)
-        await self.flush()
 
     async def flush(self) -> None:
         """Write every frame queued since the last write, in one `send_all`.
