@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -620,3 +621,53 @@ async def test_send_nowait_before_login_is_connection_lost(autojump_clock: Any) 
     with pytest.raises(ConnectionLost, match="not established"):
         conn.send_nowait(DirectoryAck(1))
     assert session.pending_output == hello  # nothing queued
+
+
+class SlowStream(CountingStream):
+    """Each write takes a second (of mock time), so a second writer finds the lock taken."""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.sleep(1)
+        await super().send_all(data)
+
+
+async def test_a_second_writer_waits_its_turn_and_nothing_interleaves(autojump_clock: Any) -> None:
+    client, server = await connected_pair()
+    slow = SlowStream(client.stream)
+    client.stream = slow
+    order: list[str] = []
+
+    async def writer(name: str, first: int) -> None:
+        for i in range(first, first + 3):
+            client.send_nowait(DirectoryAck(i))
+        await client.flush()
+        order.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer, "a", 0)
+        await trio.testing.wait_all_tasks_blocked()  # a is inside its write, holding the lock
+        nursery.start_soon(writer, "b", 3)
+    assert order == ["a", "b"]
+    assert [frames_in(w) for w in slow.writes] == [
+        [DirectoryAck(i) for i in range(3)],
+        [DirectoryAck(i) for i in range(3, 6)],
+    ]
+    with trio.fail_after(10):
+        got = [await server.next_event() for _ in range(6)]
+    assert got == [Received(DirectoryAck(i), 0) for i in range(6)]
+
+
+async def test_a_cancelled_flush_writes_nothing_and_keeps_the_frames(autojump_clock: Any) -> None:
+    client, server = await connected_pair()
+    counting = CountingStream(client.stream)
+    client.stream = counting
+    client.send_nowait(DirectoryAck(1))
+    queued = client.session.pending_output
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await client.flush()
+    assert counting.writes == [] and client.session.pending_output == queued
+    await client.flush()
+    assert frames_in(counting.writes[0]) == [DirectoryAck(1)]
+    with trio.fail_after(10):
+        assert await server.next_event() == Received(DirectoryAck(1), 0)

@@ -58,8 +58,16 @@ class TrunkConnection:
 
         Frames queued by other tasks while a write is under way go out in the next one: a
         task that finds the lock taken waits, then sends whatever has piled up (or nothing).
+        A free lock is taken without the schedule point `Lock.acquire()` makes: the write that
+        follows is one (and with nothing to write there is only the cancellation check).
         """
-        async with self._send_lock:
+        lock = self._send_lock
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()  # another task is writing: after it, in turn
+        try:
             data = self.session.data_to_send()
             if not data:
                 return
@@ -71,6 +79,8 @@ class TrunkConnection:
                     raise ConnectionLost(f"send failed: {_describe(exc)}") from None
             if scope.cancelled_caught:
                 raise ConnectionLost("send timed out: the peer is not reading")
+        finally:
+            lock.release()
 
     async def next_event(self) -> Event:
         """The next session event; a `Closed` event is the last one.
