@@ -10,6 +10,12 @@ different times:
 - a field of the wrong type, a missing required field, nesting deeper than `MAX_DEPTH` or a body
   that is not msgpack raise `WireError(BAD_MESSAGE)`.
 
+Every message crosses the trunk through this codec, so it is compiled: registering a class
+generates its decoder and encoder as straight-line Python (see `_Spec`), and a message in exactly
+the shape our encoder writes is decoded without the general checks (which give the same result).
+The module is long because it holds both the codec and the whole catalogue, which reads best as
+one list.
+
 It does not know connection state: which message may come when is `session.py`'s business.
 """
 
