@@ -426,6 +426,28 @@ def test_accessor_cache_follows_header_changes():
     assert msg.contacts == []
 
 
+def test_a_header_change_drops_only_that_headers_parsed_views():
+    msg = request(REGISTER)
+    from_, to, contacts, top = msg.from_, msg.to, msg.contacts, msg.top_via
+    require = msg.option_tags("Require")
+    msg.headers.replace_first("Via", "SIP/2.0/UDP 192.0.2.7:5062;branch=z9hG4bKnew")
+    # The Via views are parsed again from the new text...
+    assert msg.top_via is not top and msg.top_via.host == "192.0.2.7"
+    assert [v.branch for v in msg.vias] == ["z9hG4bKnew"]
+    # ...the others are the very objects parsed before (not parsed again).
+    assert msg.from_ is from_ and msg.to is to
+    assert msg.contacts == contacts and msg.option_tags("Require") == require
+    # Compact and long names are the same header: changing `m` drops the Contact views.
+    msg.headers.set("m", "*")
+    assert msg.contact_is_star and msg.contacts == []
+    msg.headers.add("Require", "100rel")
+    assert msg.option_tags("Require") == [*require, "100rel"]
+    msg.headers.remove("From")
+    with pytest.raises(SipParseError, match="Missing From"):
+        _ = msg.from_
+    assert msg.to is to
+
+
 def test_missing_and_repeated_mandatory_headers():
     msg = request(REGISTER)
     msg.headers.remove("Call-ID")

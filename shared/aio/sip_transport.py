@@ -68,7 +68,6 @@ from shared.sip.framing import (
 from shared.sip.headers import Via, parse_via_untrusted, split_comma_untrusted
 from shared.sip.message import (
     DEFAULT_LIMITS,
-    Headers,
     SipLimits,
     SipMessage,
     SipRequest,
@@ -288,11 +287,7 @@ def stamp_top_via_untrusted(
     are untouched (received bytes kept) when nothing changes. Raises `SipParseError` (400) for
     a missing or malformed top Via.
     """
-    values = request.headers.get_all("Via")
-    if not values:
-        raise bad_request("Missing Via header field")
-    elements = split_comma_untrusted(values[0])
-    top = parse_via_untrusted(elements[0])
+    top = request.top_via  # parsed once, by validation as a rule
     source_ip, source_port = remote
     params: dict[str, str | None] = {}
     if "rport" in top.params or force_rport:
@@ -303,18 +298,18 @@ def stamp_top_via_untrusted(
     if all(top.params.get(k, "") == v for k, v in params.items()):
         return top
     new_top = top.with_params(**params)
+    headers = request.headers
+    elements = split_comma_untrusted(headers.get_all("Via")[0])
     elements[0] = str(new_top)
-    items = list(request.headers)
-    for i, (name, _) in enumerate(items):
-        if name == "Via":
-            items[i] = ("Via", ", ".join(elements))
-            break
     try:
-        request.headers = Headers(items)
+        # Only the Via views are dropped from the parsed-header cache; the new top Via is
+        # known, not parsed again.
+        headers.replace_first("Via", ", ".join(elements))
     except ValueError:
         # Cannot happen for parsed headers (names are tokens, values have no CR/LF); if it
         # ever did, it is the message's fault.
         raise bad_request("Unserializable header") from None
+    headers.cached("via:top", lambda: new_top)
     return new_top
 
 
@@ -659,8 +654,12 @@ class SipTransport:
         while True:
             local_ip = bound_ip
             if batch >= UDP_BATCH:
-                # Let the handlers work off what was queued (and notice cancellation).
+                # Let the handlers work off what was queued (and notice cancellation). Twice:
+                # trio runs the tasks that are ready in random order, so after one yield this
+                # loop may run again before a handler woken by this batch; after the second,
+                # every task that was ready has had its turn.
                 batch = 0
+                await trio.lowlevel.checkpoint()
                 await trio.lowlevel.checkpoint()
             try:
                 if packet_info:

@@ -224,16 +224,17 @@ class Headers:
     def add(self, name: str, value: str) -> None:
         """Append a header line."""
         _check_header_text(name, value)
-        self._touch()
+        key = header_key(name)
+        self._touch(key)
         self._items.append((canonical_name(name), value))
-        self._keys.append(header_key(name))
+        self._keys.append(key)
 
     def add_first(self, name: str, value: str) -> None:
         """Insert a header line above every other line of that name (a new top Via, a
         Record-Route), or at the top of the message if there is none."""
         _check_header_text(name, value)
-        self._touch()
         key = header_key(name)
+        self._touch(key)
         index = self._keys.index(key) if key in self._keys else 0
         self._items.insert(index, (canonical_name(name), value))
         self._keys.insert(index, key)
@@ -242,7 +243,7 @@ class Headers:
         """Replace every line called `name` by one line, where the first one was."""
         _check_header_text(name, value)
         key = header_key(name)
-        self._touch()
+        self._touch(key)
         if key not in self._keys:
             self._items.append((canonical_name(name), value))
             self._keys.append(key)
@@ -260,7 +261,7 @@ class Headers:
         if key not in self._keys:
             self.add_first(name, value)
             return
-        self._touch()
+        self._touch(key)
         index = self._keys.index(key)
         self._items[index] = (canonical_name(name), value)
 
@@ -270,7 +271,7 @@ class Headers:
         keep = [i for i, k in enumerate(self._keys) if k != key]
         removed = len(self._keys) - len(keep)
         if removed:
-            self._touch()
+            self._touch(key)
             self._items = [self._items[i] for i in keep]
             self._keys = [self._keys[i] for i in keep]
         return removed
@@ -280,7 +281,7 @@ class Headers:
         key = header_key(name)
         if key not in self._keys:
             return None
-        self._touch()
+        self._touch(key)
         index = self._keys.index(key)
         del self._keys[index]
         return self._items.pop(index)[1]
@@ -289,15 +290,23 @@ class Headers:
         return Headers._trusted(list(self._items), list(self._keys))
 
     def cached(self, slot: str, parse: Callable[[], T]) -> T:
-        """`parse()` once per header generation: the lazy parsing behind the accessors."""
+        """`parse()` once until the header it reads changes: the lazy parsing behind the
+        accessors. `slot` is the header's lookup key (`header_key`), or that key, a colon and
+        a name for a second view of the same header (`via:top`): a change to a header drops
+        only the slots named after it, so stamping the top Via keeps From, To, Contact and
+        the rest parsed."""
         value = self._cache.get(slot, _UNSET)
         if value is _UNSET:
             value = parse()
             self._cache[slot] = value
         return value  # type: ignore[return-value]
 
-    def _touch(self) -> None:
-        self._cache.clear()
+    def _touch(self, key: str) -> None:
+        cache = self._cache
+        if cache:
+            prefix = key + ":"
+            for slot in [s for s in cache if s == key or s.startswith(prefix)]:
+                del cache[slot]
         self._index = None
         self.generation += 1
 
@@ -392,7 +401,7 @@ class _Accessors:
                 raise bad_request("Empty Via element")
             return parse_via_untrusted(first)
 
-        return self.headers.cached("top-via", parse)
+        return self.headers.cached("via:top", parse)
 
     @property
     def branch(self) -> str | None:
@@ -422,7 +431,7 @@ class _Accessors:
     @property
     def contact_is_star(self) -> bool:
         """True for `Contact: *` (RFC 3261 §10.2.2, remove all bindings)."""
-        return self.headers.cached("contact*", self._parse_star)
+        return self.headers.cached("contact:star", self._parse_star)
 
     def _parse_star(self) -> bool:
         values = self.headers.get_all("Contact")
@@ -500,7 +509,7 @@ class _Accessors:
         """The tokens of Require, Proxy-Require, Supported, Unsupported, Allow, ..."""
         return list(
             self.headers.cached(
-                "tokens:" + header_key(name),
+                header_key(name) + ":tokens",
                 lambda: parse_token_list_untrusted(self.headers.get_all(name), name),
             )
         )
