@@ -507,14 +507,35 @@ async def test_ipv6_relay_sets_traffic_class(keys: dict[str, bytes]) -> None:
 
 
 class RecordingSocket:
-    """Stands in for the relay's socket: records what would be sent."""
+    """Stands in for the relay's socket: hands out queued datagrams, records what is sent.
+
+    `full` sends raise BlockingIOError (a full send buffer), as a non-blocking socket's would.
+    """
 
     def __init__(self) -> None:
         self.sent: list[tuple[bytes, Any]] = []
+        self.queued: list[tuple[bytes, Any]] = []
+        self.full = 0
+
+    def recvfrom(self, size: int) -> tuple[bytes, Any]:
+        if not self.queued:
+            raise BlockingIOError
+        data, source = self.queued.pop(0)
+        return data[:size], source
 
     def sendto(self, data: bytes, address: Any) -> int:
+        if self.full:
+            self.full -= 1
+            raise BlockingIOError
         self.sent.append((data, address))
         return len(data)
+
+
+def relay_datagram(relay: MediaRelay, sock: RecordingSocket, data: bytes, source: Any) -> None:
+    """One datagram through the relay's real receive path (`_drain`), without a socket."""
+    sock.queued.append((data, source))
+    more = relay._drain(sock)  # type: ignore[arg-type]
+    assert not more and not sock.queued
 
 
 def _drops(stats: RelayStatistics) -> int:
@@ -579,7 +600,7 @@ def test_packet_path_matches_a_model(steps: list[tuple[str, str, int]], rng: ran
             packet = rng.randbytes(rng.randrange(0, 80))
         before = relay.statistics()
         sent_before = len(sock.sent)
-        relay._handle_datagram(packet, source, sock)  # type: ignore[arg-type]
+        relay_datagram(relay, sock, packet, source)
         after = relay.statistics()
         assert after.received == before.received + 1
         if good:
@@ -631,3 +652,65 @@ async def test_a_key_of_the_wrong_size_counts_as_no_key(
     keys["a"] = a.key
     await a.send(rtp(3))
     assert (await b.receive()).payload == rtp(3)
+
+
+# -- a full send buffer ------------------------------------------------------------------------
+
+
+class StallingSocket(socket.socket):
+    """A UDP socket whose next `stalls` sends find no room (EAGAIN), as under a burst."""
+
+    stalls = 0
+    refused = 0
+
+    def sendto(self, data: Any, *args: Any) -> int:
+        if self.stalls:
+            self.stalls -= 1
+            self.refused += 1
+            raise BlockingIOError
+        return super().sendto(data, *args)
+
+
+async def test_a_full_send_buffer_is_waited_out_and_nothing_is_lost(
+    nursery: trio.Nursery, keys: dict[str, bytes]
+) -> None:
+    sock = StallingSocket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((LOOPBACK, 0))
+    try:
+        relay = MediaRelay(keys.get)
+        address = await nursery.start(relay.serve, sock)
+        a, b = await call_between(relay, address, keys)
+        sock.stalls = 3
+        for sequence in range(5):
+            a.raw.sendto(a.seal(rtp(sequence)), address)
+        for sequence in range(5):
+            # In order: the relay read nothing more while a packet waited for room.
+            assert (await b.receive()).payload == rtp(sequence)
+        assert sock.refused == 3
+        stats = relay.statistics()
+        assert stats.forwarded == 5
+        assert stats.send_failures == 0
+    finally:
+        sock.close()
+
+
+async def test_a_send_buffer_that_stays_full_drops_and_counts(
+    nursery: trio.Nursery, keys: dict[str, bytes]
+) -> None:
+    sock = StallingSocket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((LOOPBACK, 0))
+    try:
+        relay = MediaRelay(keys.get)
+        address = await nursery.start(relay.serve, sock)
+        a, b = await call_between(relay, address, keys)
+        sock.stalls = 10**9
+        await a.send(rtp(1))
+        await wait_for(lambda: relay.statistics().send_failures == 1)
+        assert relay.statistics().forwarded == 0
+        # The relay goes on: once there is room again, media flows.
+        sock.stalls = 0
+        await a.send(rtp(2))
+        assert (await b.receive()).payload == rtp(2)
+        assert relay.query("c1")["answer"]["packets_out"] == 1
+    finally:
+        sock.close()

@@ -21,10 +21,15 @@ from shared.media.wan import (
     WanDefect,
     WanPacket,
     WanPacketError,
+    header_prefix,
+    leg_cipher,
+    nonce_prefix,
     open_untrusted,
     peek_leg_untrusted,
     seal,
+    seal_direct,
     seal_keepalive,
+    unpack_header,
 )
 
 KEY = bytes(range(32))
@@ -194,6 +199,44 @@ def test_cipher_cache_stays_bounded() -> None:
     assert len(wan._ciphers) <= wan._CACHE_LIMIT
     packet = seal(KEY, 0, 3, 0, b"a")
     assert open_untrusted(KEY, packet, 0).payload == b"a"
+
+
+# -- the pieces a hot path builds packets from --------------------------------------------------
+
+
+@given(
+    keys,
+    st.sampled_from([0, 1, 2, 3]),
+    legs,
+    counters,
+    st.sampled_from([KIND_MEDIA, KIND_KEEPALIVE]),
+    st.binary(max_size=200),
+)
+def test_pieces_build_exactly_what_seal_builds(
+    key: bytes, direction: int, leg: int, counter: int, kind: int, payload: bytes
+) -> None:
+    sealer = seal if direction < 2 else seal_direct
+    expected = sealer(key, direction, leg, counter, payload, kind=kind)
+    tail = counter.to_bytes(8, "big")
+    header = header_prefix(kind, direction, leg) + tail
+    built = header + leg_cipher(key, leg).encrypt(nonce_prefix(direction) + tail, payload, header)
+    assert built == expected
+    assert unpack_header(built) == (kind, direction, 0, leg, counter)
+    opened = leg_cipher(key, leg).decrypt(nonce_prefix(direction) + built[8:16], built[16:], header)
+    assert opened == payload
+
+
+def test_pieces_refuse_arguments_out_of_range() -> None:
+    with pytest.raises(ValueError):
+        header_prefix(3, 0, 1)
+    with pytest.raises(ValueError):
+        header_prefix(KIND_MEDIA, 4, 1)
+    with pytest.raises(ValueError):
+        header_prefix(KIND_MEDIA, 0, 2**32)
+    with pytest.raises(ValueError):
+        nonce_prefix(-1)
+    with pytest.raises(ValueError):
+        leg_cipher(b"short", 1)
 
 
 # -- fuzz: only WanPacketError ----------------------------------------------------------------
