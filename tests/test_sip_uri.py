@@ -307,3 +307,21 @@ def test_host_case_does_not_matter_for_equivalence(uri, case):
 def test_tel_uri_round_trip(number, params):
     uri = TelUri(number, params)
     assert parse_uri_untrusted(str(uri)) == uri
+
+
+def test_parses_are_remembered_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.sip import uri as uri_module
+
+    monkeypatch.setattr(uri_module, "_URI_MEMO", {})
+    monkeypatch.setattr(uri_module, "_URI_MEMO_SIZE", 3)
+    first = parse_uri_untrusted("sip:2001@192.0.2.1:5060;transport=udp")
+    assert parse_uri_untrusted("sip:2001@192.0.2.1:5060;transport=udp") is first
+    # A bad URI is refused every time (errors are not remembered as URIs).
+    for _ in range(2):
+        with pytest.raises(SipParseError):
+            parse_uri_untrusted("sip:2001@192.0.2.1:99999")
+    for i in range(5):
+        parse_uri_untrusted(f"sip:{i}@192.0.2.1")
+    assert len(uri_module._URI_MEMO) <= 3
+    again = parse_uri_untrusted("sip:2001@192.0.2.1:5060;transport=udp")
+    assert again == first and isinstance(again, SipUri) and again.port == 5060

@@ -305,8 +305,26 @@ Uri = SipUri | TelUri | AbsoluteUri
 def parse_uri_untrusted(text: str) -> Uri:
     """Parse a URI from a Request-URI or a name-addr/addr-spec (RFC 3261 §19.1, §25.1).
 
-    Raises only `SipParseError` (status 400).
+    Raises only `SipParseError` (status 400). The same text gives the same (frozen) object:
+    a phone sends the same few URIs in every request (Request-URI, its AOR in From and To,
+    its Contact), so parses are remembered, up to `_URI_MEMO_SIZE` texts. Never mutate a
+    parsed URI's `params` dict (nothing does; `with_params`-style helpers build new ones).
     """
+    found = _URI_MEMO.get(text)
+    if found is not None:
+        return found
+    uri = _parse_uri(text)
+    if len(_URI_MEMO) >= _URI_MEMO_SIZE:
+        _URI_MEMO.clear()  # texts come from the network: bounded, and cheap to start over
+    _URI_MEMO[text] = uri
+    return uri
+
+
+_URI_MEMO: dict[str, Uri] = {}
+_URI_MEMO_SIZE = 4096
+
+
+def _parse_uri(text: str) -> Uri:
     try:
         scheme, colon, rest = text.partition(":")
         if not colon or not scheme or not scheme[0].isascii() or not scheme[0].isalpha():
