@@ -148,9 +148,10 @@ class Leg(Protocol):
 
 class CallListener(Protocol):
     """Hears every call's events, for call records (`records.py`, F15). `event` is started,
-    ringing, answered or ended; `status` and `reason` say how it ended (0: a normal hangup)."""
+    ringing, answered or ended; `status` and `reason` say how it ended (0: a normal hangup).
+    The call goes on when `record_event` returns (the records write the row to disk first)."""
 
-    def call_event(
+    async def record_event(
         self,
         call_id: str,
         event: str,
@@ -327,13 +328,15 @@ class CallController:
         self._trunk_epoch = 0  # counts trunk losses, so a late grace timer knows it is stale
         self.listener: CallListener | None = None
 
-    def _note(self, call_id: str, offer: Offer, kind: str, event: str, *cause: int | str) -> None:
+    async def _note(
+        self, call_id: str, offer: Offer, kind: str, event: str, *cause: int | str
+    ) -> None:
         """Tell the listener (call records); its failure must never fail a call."""
         if self.listener is None:
             return
         status, reason = cause if cause else (0, "")
         try:
-            self.listener.call_event(
+            await self.listener.record_event(
                 call_id,
                 event,
                 caller=offer.caller,
@@ -405,22 +408,24 @@ class CallController:
                         len(self.calls))  # fmt: skip
             refusal = Fail(503, f"Service Unavailable (at most {self.policy.max_calls} calls)")
             call_id = secrets.token_hex(8)
-            self._note(call_id, offer, "local", "started")
-            self._note(call_id, offer, "local", "ended", refusal.status, refusal.reason)
+            await self._note(call_id, offer, "local", "started")
+            await self._note(call_id, offer, "local", "ended", refusal.status, refusal.reason)
             await a.send(refusal)
             a.close()
             return
         call = Call(secrets.token_hex(8), a, offer)
         a.call = call
         self.calls[call.call_id] = call
-        self._note(call.call_id, offer, call.kind, "started")
+        await self._note(call.call_id, offer, call.kind, "started")
         if not self._spawn(lambda: self._run(call)):
             await self._refuse_stopping(call)
 
     async def _refuse_stopping(self, call: Call) -> None:
         del self.calls[call.call_id]
         refusal = Fail(503, "Service Unavailable (shutting down)")
-        self._note(call.call_id, call.offer, call.kind, "ended", refusal.status, refusal.reason)
+        await self._note(
+            call.call_id, call.offer, call.kind, "ended", refusal.status, refusal.reason
+        )
         await call.a.send(refusal)
         call.a.close()
 
@@ -453,7 +458,7 @@ class CallController:
                 call.media.close()
             self.calls.pop(call.call_id, None)
             cause = call.cause or (500, "Server Internal Error (call control stopped)")
-            self._note(call.call_id, call.offer, call.kind, "ended", *cause)
+            await self._note(call.call_id, call.offer, call.kind, "ended", *cause)
             log.info("call %s ended", call.call_id)
 
     async def _run_call(self, call: Call) -> None:
@@ -576,10 +581,12 @@ class CallController:
                 await self._hang_up(call, leg, event)
         elif isinstance(event, Ring):
             if call.state in ("trying", "ringing"):
-                if call.state == "trying":
-                    self._note(call.call_id, call.offer, call.kind, "ringing")
+                first = call.state == "trying"
                 call.state = "ringing"
-                await call.a.send(self._ring_for_a(call, event))
+                if first:
+                    await self._note(call.call_id, call.offer, call.kind, "ringing")
+                if call.state == "ringing":  # not answered or ended while the row was written
+                    await call.a.send(self._ring_for_a(call, event))
         elif isinstance(event, Connect):
             await self._connected(call, leg, event)
         elif isinstance(event, Fail):
@@ -634,12 +641,14 @@ class CallController:
         call.state = "connected"
         call.winner = leg
         call.answered.set()
-        self._note(call.call_id, call.offer, call.kind, "answered")
-        # The first answer wins; the other forks are cancelled (RFC 3261 §16.7 step 10).
+        await self._note(call.call_id, call.offer, call.kind, "answered")
+        # The first answer wins; the other forks are cancelled (RFC 3261 §16.7 step 10), also
+        # when the caller hung up while the row was written (then it gets no answer).
         for other in call.b:
             if other is not leg:
                 await other.send(Disconnect("answered elsewhere"))
-        await call.a.send(answer)
+        if call.state == "connected":
+            await call.a.send(answer)
 
     async def _answer_for_a(self, call: Call, event: Connect) -> Connect | None:
         if call.kind == "local":
@@ -823,15 +832,17 @@ class CallController:
             offer = Offer(msg.caller, msg.callee, None, tuple(msg.codecs), msg.caller_name)
             if len(self.calls) >= self.policy.max_calls:
                 refusal = Fail(503, f"office busy ({self.policy.max_calls} calls)")
-                self._note(msg.call_id, offer, "inbound", "started")
-                self._note(msg.call_id, offer, "inbound", "ended", refusal.status, refusal.reason)
+                await self._note(msg.call_id, offer, "inbound", "started")
+                await self._note(
+                    msg.call_id, offer, "inbound", "ended", refusal.status, refusal.reason
+                )
                 await leg.send(refusal)
                 leg.close()
                 return
             call = Call(msg.call_id, leg, offer, kind="inbound")
             leg.call = call
             self.calls[call.call_id] = call
-            self._note(call.call_id, offer, call.kind, "started")
+            await self._note(call.call_id, offer, call.kind, "started")
             if not self._spawn(lambda: self._run(call)):
                 await self._refuse_stopping(call)
 

@@ -12,6 +12,8 @@ Three pieces, from pure to I/O:
   short (their end was never seen: they get an `ended` row of their own).
 - `CallLog` (the controller's `CallListener`) joins the two, and `upload` sends the oldest
   unacknowledged rows over the trunk, one batch at a time, again after a timeout or a reconnect.
+  The controller's events are written by `record_event` in a worker thread, many calls' rows in
+  one transaction, and each call waits for its row to be on disk before it goes on.
   The main host stores by (office, boot epoch, seq), so a batch sent twice is stored once.
 
 It does not decide anything about calls (`calls.py`) or hold the trunk (`uplink.py`).
@@ -239,6 +241,10 @@ class CallLog:
         self.acknowledged = 0
         self._wake = trio.Event()
         self._acked = trio.Event()
+        # `record_event`: rows waiting for the disk, in seq order, and the last seq written.
+        self._queued: list[CallRecordInfo] = []
+        self._written_seq = 0
+        self._write_lock = trio.Lock()  # FIFO: batches reach the disk in seq order
         # Calls of an earlier boot that the crash cut short end now, in this boot's sequence.
         closing = self.recorder.interrupted(store.open_calls(), wall_clock())
         if closing:
@@ -269,6 +275,49 @@ class CallLog:
         if row is None:
             return
         self.store.append([row])  # on disk before the call moves on (F15: never lost)
+        self._wake.set()
+
+    async def record_event(
+        self,
+        call_id: str,
+        event: str,
+        *,
+        caller: str,
+        callee: str,
+        direction: str,
+        status: int = 0,
+        reason: str = "",
+    ) -> None:
+        """`call_event` for the call controller: the row is on disk when this returns, but
+        the trio thread does not wait for the disk meanwhile (an fsync takes from a quarter of
+        a millisecond to tens of them when the disk is busy, and every call of the office would
+        wait). The row is written in a worker thread, in one transaction with the rows of every
+        other call that came while the previous write was under way (a group commit)."""
+        row = self.recorder.event(
+            call_id,
+            event,
+            self.wall_clock(),
+            caller=caller,
+            callee=callee,
+            direction=direction,
+            status=status,
+            reason=reason,
+        )
+        if row is None:
+            return
+        self._queued.append(row)
+        # Shielded: a row taken from the queue is written, or put back, whatever is cancelled.
+        with trio.CancelScope(shield=True):
+            async with self._write_lock:
+                if self._written_seq >= row.seq:
+                    return  # an earlier holder of the lock wrote it with its own
+                rows, self._queued = self._queued, []
+                try:
+                    await trio.to_thread.run_sync(self.store.append, rows)
+                except BaseException:
+                    self._queued[:0] = rows  # not written: the next writer takes them again
+                    raise
+                self._written_seq = rows[-1].seq
         self._wake.set()
 
     async def on_ack(self, ack: CallRecordsAck) -> None:

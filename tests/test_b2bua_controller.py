@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -654,3 +655,98 @@ async def test_a_trunk_loss_after_serve_stopped_is_harmless() -> None:
     await w.controller.new_call(a, Offer("201", "202", OFFER))
     assert a.got == [Fail(503, "Service Unavailable (shutting down)")]
     assert w.controller.calls == {} and a.closed
+
+
+# --- the call waits for its record (F15: on disk before the call goes on) ---------------------
+
+
+class SlowRecords:
+    """A call listener whose writes take until the test releases them, as a busy disk would."""
+
+    def __init__(self) -> None:
+        self.written: list[str] = []
+        self.release = trio.Event()
+
+    async def record_event(self, call_id: str, event: str, **kwargs: object) -> None:
+        await self.release.wait()
+        self.written.append(event)
+
+
+async def test_the_caller_is_answered_only_once_the_answer_is_recorded() -> None:
+    records = SlowRecords()
+    records.release.set()
+    async with world() as w:
+        w.controller.listener = records
+        with trio.fail_after(GUARD):
+            w.register("202")
+            a = FakeLeg("caller")
+            await w.controller.new_call(a, Offer("201", "202", OFFER))
+            await wait_until(lambda: len(w.legs.sip) == 1)
+            (b,) = w.legs.sip
+            records.release = trio.Event()  # the disk is slow from now on
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(w.controller.on_event, b, Ring())
+                await trio.testing.wait_all_tasks_blocked()
+                assert not a.told(Ring)  # 180 waits for the "ringing" row
+                records.release.set()
+            assert a.told(Ring) and records.written[-1] == "ringing"
+            records.release = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(w.controller.on_event, b, Connect(b"answer"))
+                await trio.testing.wait_all_tasks_blocked()
+                assert not a.told(Connect)  # 200 waits for the "answered" row
+                records.release.set()
+            assert a.told(Connect) and records.written[-1] == "answered"
+            await w.controller.on_event(a, Disconnect("bye"))
+            await w.ended()
+    assert records.written == ["started", "ringing", "answered", "ended"]
+
+
+async def test_an_answer_while_the_ringing_row_is_written_is_not_undone() -> None:
+    """The 180's row is slow, the 200 comes meanwhile: the call stays connected and the caller
+    gets the answer, never a 180 after it."""
+    records = SlowRecords()
+    records.release.set()
+    async with world() as w:
+        w.controller.listener = records
+        with trio.fail_after(GUARD):
+            w.register("202")
+            a = FakeLeg("caller")
+            await w.controller.new_call(a, Offer("201", "202", OFFER))
+            await wait_until(lambda: len(w.legs.sip) == 1)
+            (b,) = w.legs.sip
+            records.release = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(w.controller.on_event, b, Ring())
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(w.controller.on_event, b, Connect(b"answer"))
+                await trio.testing.wait_all_tasks_blocked()
+                records.release.set()
+            (call,) = w.controller.calls.values()
+            assert call.state == "connected" and call.winner is b
+            assert [type(e) for e in a.got] == [Connect]
+            await w.controller.on_event(a, Disconnect("bye"))
+            await w.ended()
+
+
+async def test_forks_are_cancelled_when_the_caller_leaves_while_the_answer_is_recorded() -> None:
+    records = SlowRecords()
+    records.release.set()
+    async with world() as w:
+        w.controller.listener = records
+        with trio.fail_after(GUARD):
+            w.register("202", n=2)
+            a = FakeLeg("caller")
+            await w.controller.new_call(a, Offer("201", "202", OFFER))
+            await wait_until(lambda: len(w.legs.sip) == 2)
+            first, second = w.legs.sip
+            records.release = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(w.controller.on_event, first, Connect(b"answer"))
+                await trio.testing.wait_all_tasks_blocked()
+                await w.controller.on_event(a, Disconnect("gone"))
+                records.release.set()
+            await w.ended()
+    assert not a.told(Connect)  # it hung up before the answer could be given
+    assert first.told(Disconnect)  # the answered fork is hung up
+    assert second.told(Disconnect)  # the other fork is cancelled

@@ -532,7 +532,7 @@ class Events:
     def __init__(self) -> None:
         self.seen: list[tuple[str, str, str, str, str, int]] = []
 
-    def call_event(
+    async def record_event(
         self,
         call_id: str,
         event: str,
@@ -629,7 +629,7 @@ async def test_controller_reports_a_caller_who_gives_up_as_487() -> None:
 
 async def test_a_failing_listener_never_fails_a_call() -> None:
     class Broken:
-        def call_event(self, call_id: str, event: str, **kwargs: object) -> None:
+        async def record_event(self, call_id: str, event: str, **kwargs: object) -> None:
             raise RuntimeError("disk full")
 
     async with world() as w:
