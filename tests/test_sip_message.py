@@ -934,3 +934,17 @@ def test_line_breaks_cannot_be_smuggled_into_the_start_line():
         SipResponse(200, "OK\r\nVia: evil").encode()
     with pytest.raises(ValueError, match="CR/LF"):
         SipRequest("OPTIONS", "sip:a@b\r\nX: y").encode()
+
+
+def test_a_response_reuses_what_the_request_parsed_of_the_copied_headers():
+    msg = request(REGISTER)
+    top, from_, cseq = msg.top_via, msg.from_, msg.cseq
+    ok = make_response(msg, 200, to_tag="t1")
+    assert ok.top_via is top and ok.from_ is from_ and ok.cseq is cseq
+    assert ok.to.tag == "t1" and msg.to.tag is None  # To gained a tag: parsed anew
+    # Changing the copy's Via drops the seeded view, as for any header.
+    ok.headers.replace_first("Via", "SIP/2.0/UDP 192.0.2.9;branch=z9hG4bKother")
+    assert ok.top_via.host == "192.0.2.9" and msg.top_via is top
+    # A request nothing was parsed of gives a response that parses on demand.
+    fresh = request(REGISTER)
+    assert make_response(fresh, 200).top_via == top

@@ -65,7 +65,7 @@ from shared.sip.framing import (
     SipStreamFramer,
     is_datagram_keepalive,
 )
-from shared.sip.headers import Via, parse_via_untrusted, split_comma_untrusted
+from shared.sip.headers import Via, split_comma_untrusted
 from shared.sip.message import (
     DEFAULT_LIMITS,
     SipLimits,
@@ -266,13 +266,11 @@ _NOT_SEEN = object()
 
 
 def top_via_untrusted(message: SipMessage) -> Via:
-    """The top Via alone. `message.top_via` parses every Via, and a request that failed
+    """The top Via alone. `message.vias` parses every Via, and a request that failed
     validation (so its error reply, which copies them) may have a broken lower one; routing a
-    reply needs only the top one (RFC 3261 §18.2.2)."""
-    values = message.headers.get_all("Via")
-    if not values:
-        raise bad_request("Missing Via header field")
-    return parse_via_untrusted(split_comma_untrusted(values[0])[0])
+    reply needs only the top one (RFC 3261 §18.2.2), which `message.top_via` parses alone (and
+    a response made by `make_response` has already)."""
+    return message.top_via
 
 
 def stamp_top_via_untrusted(

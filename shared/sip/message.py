@@ -912,9 +912,20 @@ def make_response(
             items.append(("Timestamp", timestamp))
             keys.append("timestamp")
     out = Headers._trusted(items, keys)
+    # What the request has parsed of the copied headers holds for the copies too: a response
+    # is routed by its top Via (RFC 3261 §18.2.2), which need not be parsed again.
+    parsed = source._cache
+    for slot in _SEEDED_IN_RESPONSES:
+        value = parsed.get(slot, _UNSET)
+        if value is not _UNSET:
+            out._cache[slot] = value
     for name, value in headers:
         out.add(name, value)
     return SipResponse(status, reason or REASON_PHRASES.get(status, "Unknown"), out, body)
+
+
+# Views of the headers make_response copies verbatim (To may get a tag, so it is not here).
+_SEEDED_IN_RESPONSES = ("via", "via:top", "from", "call-id", "cseq")
 
 
 _COPIED_TO_RESPONSES = (("From", "from"), ("To", "to"), ("Call-ID", "call-id"), ("CSeq", "cseq"))
