@@ -441,9 +441,8 @@ class DigestVerifier:
     # -- nonces ------------------------------------------------------------------------------
 
     def _mac(self, body: bytes) -> bytes:
-        return hmac.new(self._secret, body + self.realm.encode(), hashlib.sha256).digest()[
-            :_MAC_LEN
-        ]
+        # hmac.digest is the one-shot C path: a third of the cost of hmac.new().digest().
+        return hmac.digest(self._secret, body + self.realm.encode(), "sha256")[:_MAC_LEN]
 
     def make_nonce(self, now: float) -> str:
         self._issued += 1
