@@ -269,8 +269,20 @@ class Registrar:
         headers = [
             ("Contact", f"<{b.contact}>;expires={b.remaining(now)}") for b in self.location.get(ext)
         ]
-        headers.append(("Date", email.utils.formatdate(now, usegmt=True)))
+        headers.append(("Date", _http_date(now)))
         return self._reply(request, 200, "OK", headers)
+
+
+_last_date: tuple[int, str] = (-1, "")
+
+
+def _http_date(now: float) -> str:
+    """RFC 3261 §20.17 Date (rfc1123, GMT) of `now`, formatted once per second."""
+    global _last_date
+    second = int(now)
+    if _last_date[0] != second:
+        _last_date = (second, email.utils.formatdate(second, usegmt=True))
+    return _last_date[1]
 
 
 def _to_tag(request: SipRequest) -> str:

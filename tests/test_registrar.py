@@ -761,3 +761,13 @@ def test_any_register_gets_a_consistent_answer(
     assert all(v is not None and 0 < v <= 3600 for v in listed.values())
     assert len(registrar.location.get(ext)) <= 3
     assert all(b.ext == ext or b in before for b in registrar.location.all())
+
+
+def test_the_date_of_a_200_is_the_time_of_the_request(registrar):
+    # RFC 3261 §10.3 step 8 / §20.17: phones without a clock set theirs from it.
+    dates = []
+    for when in (NOW, NOW + 0.5, NOW + 61.25):
+        response = register(registrar, Phone("201"), now=when)
+        dates.append(response.headers.get("Date"))
+    assert dates[0] == dates[1] == "Tue, 14 Nov 2023 22:13:20 GMT"
+    assert dates[2] == "Tue, 14 Nov 2023 22:14:21 GMT"
