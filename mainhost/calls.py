@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -96,14 +96,17 @@ class Bridge:
 
 
 Send = Callable[[str, Message, int], Awaitable[bool]]
+SendMany = Callable[[str, Sequence[tuple[Message, int]]], Awaitable[bool]]
 
 
 class CallRouter:
     """Routes and bridges calls between offices.
 
     `send(office, message, channel)` delivers on the office's current trunk connection and
-    returns False when the office is not connected. `ranges()` lists the offices' extension
-    ranges; `directory_has(office, ext)` says whether an extension exists.
+    returns False when the office is not connected; `send_many(office, [(message, channel)])`
+    does the same for several messages in one write (one TLS record, one read at the far end),
+    and is `send` for each when not given. `ranges()` lists the offices' extension ranges;
+    `directory_has(office, ext)` says whether an extension exists.
     """
 
     def __init__(
@@ -116,8 +119,10 @@ class CallRouter:
         relay: Relay | None,
         relay_port: int,
         grace: float = 10.0,
+        send_many: SendMany | None = None,
     ) -> None:
         self._send = send
+        self._send_many = send_many or self._send_each
         self._is_online = is_online
         self._ranges = ranges
         self._directory_has = directory_has
@@ -157,6 +162,12 @@ class CallRouter:
             if bridge.cost_kbps == 0 and kbps:
                 budget.calls += 1
         bridge.cost_kbps = kbps
+
+    async def _send_each(self, office: str, messages: Sequence[tuple[Message, int]]) -> bool:
+        for msg, channel in messages:
+            if not await self._send(office, msg, channel):
+                return False
+        return True
 
     def route(self, number: str) -> OfficeRange | None:
         for office in self._ranges():
@@ -254,9 +265,10 @@ class CallRouter:
             leg_b = self.relay.answer(msg.call_id, target.name)
             await self._send(side[0], MediaLeg(msg.call_id, leg_a, self.relay_port), side[1])
         setup = CallSetup(msg.call_id, msg.caller, msg.callee, codecs, msg.caller_name, side[0])
-        delivered = await self._send(target.name, setup, channel)
-        if delivered and self.relay is not None:
-            await self._send(target.name, MediaLeg(msg.call_id, leg_b, self.relay_port), channel)
+        to_target: list[tuple[Message, int]] = [(setup, channel)]
+        if self.relay is not None:
+            to_target.append((MediaLeg(msg.call_id, leg_b, self.relay_port), channel))
+        delivered = await self._send_many(target.name, to_target)
         if not delivered:
             await self._drop(bridge)
             await self._refuse(side, msg.call_id, 480, f"office {target.name} went offline")

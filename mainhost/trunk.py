@@ -16,7 +16,7 @@ import logging
 import secrets
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,7 @@ from shared.wire.session import (
     LoginAttempt,
     LoginRejected,
     Received,
+    State,
     TrunkSession,
 )
 
@@ -113,6 +114,7 @@ class TrunkServer:
         self.directories: dict[str, frozenset[str]] = {}
         self.calls = CallRouter(
             send=self.send_to_office,
+            send_many=self.send_many_to_office,
             is_online=lambda office: office in self.online,
             ranges=lambda: self.office_ranges,
             directory_has=lambda office, ext: ext in self.directories.get(office, ()),
@@ -146,6 +148,22 @@ class TrunkServer:
             return False
         try:
             await live.conn.send(msg, channel=channel)
+        except ConnectionLost:
+            return False
+        return True
+
+    async def send_many_to_office(
+        self, office: str, messages: Sequence[tuple[Message, int]]
+    ) -> bool:
+        """`send_to_office` for several messages, in one write: one TLS record for all, and the
+        office reads them at once (a call's CallSetup and MediaLeg)."""
+        live = self.online.get(office)
+        if live is None or live.conn.session.state is not State.ESTABLISHED:
+            return False
+        for msg, channel in messages:
+            live.conn.session.send(msg, channel=channel)
+        try:
+            await live.conn.flush()
         except ConnectionLost:
             return False
         return True

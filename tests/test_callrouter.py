@@ -3,6 +3,7 @@ the relay's legs, and calls outliving a re-login for a grace period."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -192,3 +193,67 @@ async def test_a_cheaper_codec_both_phones_offer_is_chosen_when_the_first_does_n
     channel = next(c for c, m in net.to("lisbon") if isinstance(m, CallSetup))
     await router.on_message("lisbon", channel, CallAnswer("c", "G729/8000"))
     assert router.bandwidth("lisbon")["used_kbps"] == 36.8
+
+
+class BatchingNet(Net):
+    """A trunk that also takes several messages in one write, and remembers the writes."""
+
+    def __init__(self, online: set[str]) -> None:
+        super().__init__(online)
+        self.writes: list[tuple[str, list[type]]] = []
+
+    async def send(self, office: str, msg: Message, channel: int) -> bool:
+        delivered = await super().send(office, msg, channel)
+        if delivered:
+            self.writes.append((office, [type(msg)]))
+        return delivered
+
+    async def send_many(self, office: str, messages: Sequence[tuple[Message, int]]) -> bool:
+        if office not in self.online:
+            return False
+        self.sent += [(office, channel, msg) for msg, channel in messages]
+        self.writes.append((office, [type(msg) for msg, _ in messages]))
+        return True
+
+
+def make_batching(online: set[str] | None = None) -> tuple[CallRouter, BatchingNet, FakeRelay]:
+    net = BatchingNet(online if online is not None else {"berlin", "lisbon"})
+    relay = FakeRelay()
+    router = CallRouter(
+        send=net.send,
+        send_many=lambda office, messages: net.send_many(office, messages),
+        is_online=lambda office: office in net.online,
+        ranges=lambda: [
+            OfficeRange("berlin", 2000, 2099, 4),
+            OfficeRange("lisbon", 3000, 3099, 4),
+        ],
+        directory_has=lambda office, ext: ext in DIRECTORY.get(office, set()),
+        relay=relay,
+        relay_port=5090,
+    )
+    return router, net, relay
+
+
+async def test_the_callee_office_gets_setup_and_media_leg_in_one_write() -> None:
+    router, net, relay = make_batching()
+    await router.on_message("berlin", 1, CallSetup("c1", "2001", "3001", ["PCMU/8000"]))
+    assert net.writes == [("berlin", [MediaLeg]), ("lisbon", [CallSetup, MediaLeg])]
+    (setup_channel, setup), (leg_channel, leg) = net.to("lisbon")
+    assert isinstance(setup, CallSetup) and isinstance(leg, MediaLeg)
+    assert setup_channel == leg_channel and leg.leg == dict(relay.legs["c1"])["lisbon"]
+
+
+async def test_a_setup_the_callee_office_cannot_take_is_refused_and_undone() -> None:
+    router, net, relay = make_batching()
+    original = net.send_many
+
+    async def gone(office: str, messages: Sequence[tuple[Message, int]]) -> bool:
+        net.online.discard("lisbon")  # it went offline just now
+        return await original(office, messages)
+
+    net.send_many = gone  # type: ignore[method-assign]
+    await router.on_message("berlin", 1, CallSetup("c1", "2001", "3001", ["PCMU/8000"]))
+    assert net.to("lisbon") == []
+    end = net.to("berlin")[-1][1]
+    assert isinstance(end, CallEnd) and end.status == 480
+    assert relay.deleted == ["c1"] and router.live_calls() == []
