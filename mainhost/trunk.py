@@ -45,7 +45,6 @@ from shared.wire.session import (
     LoginAttempt,
     LoginRejected,
     Received,
-    State,
     TrunkSession,
 )
 
@@ -158,11 +157,11 @@ class TrunkServer:
         """`send_to_office` for several messages, in one write: one TLS record for all, and the
         office reads them at once (a call's CallSetup and MediaLeg)."""
         live = self.online.get(office)
-        if live is None or live.conn.session.state is not State.ESTABLISHED:
+        if live is None:
             return False
-        for msg, channel in messages:
-            live.conn.session.send(msg, channel=channel)
         try:
+            for msg, channel in messages:
+                live.conn.send_nowait(msg, channel=channel)
             await live.conn.flush()
         except ConnectionLost:
             return False
