@@ -22,12 +22,14 @@ import trio
 import trio.testing
 
 from mainhost.relay import MediaRelay
+from remotehost import anchor as anchor_module
 from remotehost.anchor import CallMedia, MediaAnchor
 from shared.media.rtp import parse_rtp_untrusted
 from shared.media.wan import (
     DIRECTION_FROM_RELAY,
     DIRECTION_TO_RELAY,
     KIND_KEEPALIVE,
+    WanPacket,
     open_untrusted,
     seal,
 )
@@ -738,3 +740,174 @@ async def test_a_relay_named_by_host_name_is_looked_up(
         assert packet.payload == rtp(1)
     finally:
         relay_raw.close()
+
+
+# -- one task for every socket ---------------------------------------------------------------
+
+
+def _raw_relay() -> socket.socket:
+    """A stand-in for the relay: a plain socket the test reads without waiting."""
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    raw.bind((LOOPBACK, 0))
+    raw.setblocking(False)
+    return raw
+
+
+async def _sealed(raw: socket.socket, key: bytes, count: int) -> list[WanPacket]:
+    """The next `count` packets the anchor sent to `raw`, opened (keepalives included)."""
+    packets: list[WanPacket] = []
+    with trio.fail_after(5):
+        while len(packets) < count:
+            await trio.lowlevel.wait_readable(raw)
+            packets.append(open_untrusted(key, raw.recv(4096), DIRECTION_TO_RELAY))
+    return packets
+
+
+async def test_many_calls_bursting_at_once_are_all_carried(
+    nursery: trio.Nursery, keys: dict[str, bytes]
+) -> None:
+    raw = _raw_relay()
+    try:
+        anchor = await start_anchor(nursery)
+        calls, phones = [], []
+        for n in range(20):
+            media = await anchor.open_call(f"c{n}")
+            media.set_wan(100 + n, raw.getsockname(), keys["a"])
+            calls.append(media)
+            phones.append(Phone())
+        assert {p.kind for p in await _sealed(raw, keys["a"], 20)} == {KIND_KEEPALIVE}
+        # Every phone's burst is queued before the anchor runs again: one wakeup sees them all.
+        for n, phone in enumerate(phones):
+            for sequence in range(5):
+                phone.raw.sendto(rtp(sequence, ssrc=n), (LOOPBACK, calls[n].local_port))
+        packets = await _sealed(raw, keys["a"], 100)
+        by_leg: dict[int, list[bytes]] = {}
+        for packet in packets:
+            by_leg.setdefault(packet.leg, []).append(packet.payload)
+        assert by_leg == {100 + n: [rtp(s, ssrc=n) for s in range(5)] for n in range(20)}
+        for n, media in enumerate(calls):
+            stats = media.statistics()
+            assert stats.phone_packets_in == stats.wan_packets_out == 5
+            assert stats.phone_address == phones[n].address
+    finally:
+        raw.close()
+
+
+async def test_a_closed_call_reads_nothing_more(
+    nursery: trio.Nursery, keys: dict[str, bytes]
+) -> None:
+    raw = _raw_relay()
+    try:
+        anchor = await start_anchor(nursery)
+        media = await anchor.open_call("c1")
+        other = await anchor.open_call("c2")
+        media.set_wan(7, raw.getsockname(), keys["a"])
+        other.set_wan(8, raw.getsockname(), keys["a"])
+        await _sealed(raw, keys["a"], 2)
+        phone = Phone()
+        # Queued on the socket, then the call closes before the anchor's loop runs: the packet
+        # must not be sealed (its counter went back to the anchor with the leg).
+        phone.raw.sendto(rtp(1), (LOOPBACK, media.local_port))
+        media.close()
+        phone.raw.sendto(rtp(2), (LOOPBACK, other.local_port))
+        [packet] = await _sealed(raw, keys["a"], 1)
+        assert (packet.leg, packet.payload) == (8, rtp(2))
+        assert media.statistics().phone_packets_in == 0
+        await wait_for(lambda: media._sock.fileno() == -1)
+        assert raw_is_empty(raw)
+    finally:
+        raw.close()
+
+
+def raw_is_empty(raw: socket.socket) -> bool:
+    try:
+        raw.recv(4096)
+    except BlockingIOError:
+        return True
+    return False
+
+
+class StallingSocket(socket.socket):
+    """A UDP socket whose next `stalls` sends find no room (EAGAIN)."""
+
+    stalls = 0
+    refused = 0
+
+    def sendto(self, data: Any, *args: Any) -> int:
+        if self.stalls:
+            self.stalls -= 1
+            self.refused += 1
+            raise BlockingIOError
+        return super().sendto(data, *args)
+
+
+@pytest.fixture
+def stalling_sockets(monkeypatch: pytest.MonkeyPatch) -> list[StallingSocket]:
+    """Every socket the anchor opens from now on, in order (the WAN socket first)."""
+    made: list[StallingSocket] = []
+
+    def udp_socket(ip: str) -> socket.socket:
+        sock = StallingSocket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((ip, 0))
+        sock.setblocking(False)
+        made.append(sock)
+        return sock
+
+    monkeypatch.setattr(anchor_module, "_udp_socket", udp_socket)
+    return made
+
+
+async def test_a_full_send_buffer_is_waited_out_both_ways(
+    nursery: trio.Nursery, keys: dict[str, bytes], stalling_sockets: list[StallingSocket]
+) -> None:
+    raw = _raw_relay()
+    try:
+        anchor = await start_anchor(nursery)
+        media = await anchor.open_call("c1")
+        wan, phone_side = stalling_sockets
+        media.set_wan(7, raw.getsockname(), keys["a"])
+        await _sealed(raw, keys["a"], 1)
+        phone = Phone()
+        wan.stalls = 3
+        for sequence in range(4):
+            phone.raw.sendto(rtp(sequence), (LOOPBACK, media.local_port))
+        packets = await _sealed(raw, keys["a"], 4)
+        assert [p.payload for p in packets] == [rtp(s) for s in range(4)]  # in order
+        assert wan.refused == 3
+        # And toward the phone.
+        phone_side.stalls = 2
+        for sequence in range(3):
+            raw.sendto(seal(keys["a"], DIRECTION_FROM_RELAY, 7, sequence, rtp(sequence)),
+                       ("127.0.0.1", anchor.wan_port))  # fmt: skip
+        for sequence in range(3):
+            assert (await phone.receive())[0] == rtp(sequence)
+        assert phone_side.refused == 2
+        stats = media.statistics()
+        assert stats.wan_packets_out == 4
+        assert stats.phone_packets_out == 3
+        assert stats.send_failures == 0
+    finally:
+        raw.close()
+
+
+async def test_a_send_buffer_that_stays_full_drops_counts_and_goes_on(
+    nursery: trio.Nursery, keys: dict[str, bytes], stalling_sockets: list[StallingSocket]
+) -> None:
+    raw = _raw_relay()
+    try:
+        anchor = await start_anchor(nursery)
+        media = await anchor.open_call("c1")
+        wan, _ = stalling_sockets
+        media.set_wan(7, raw.getsockname(), keys["a"])
+        await _sealed(raw, keys["a"], 1)
+        phone = Phone()
+        wan.stalls = 10**9
+        phone.raw.sendto(rtp(1), (LOOPBACK, media.local_port))
+        await wait_for(lambda: media.statistics().send_failures == 1)
+        wan.stalls = 0
+        phone.raw.sendto(rtp(2), (LOOPBACK, media.local_port))
+        [packet] = await _sealed(raw, keys["a"], 1)
+        assert packet.payload == rtp(2)
+        assert media.statistics().wan_packets_out == 1
+    finally:
+        raw.close()
