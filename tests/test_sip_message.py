@@ -948,3 +948,11 @@ def test_a_response_reuses_what_the_request_parsed_of_the_copied_headers():
     # A request nothing was parsed of gives a response that parses on demand.
     fresh = request(REGISTER)
     assert make_response(fresh, 200).top_via == top
+
+
+def test_the_top_via_is_taken_from_the_parsed_list_when_there_is_one():
+    msg = request(REGISTER)
+    [only] = msg.vias
+    assert msg.top_via is only
+    lone = request(REGISTER)
+    assert lone.top_via == only and lone.top_via is not only  # parsed alone when needed

@@ -396,6 +396,9 @@ class _Accessors:
         when a lower Via is broken (RFC 3261 §18.2.2), and cheaply."""
 
         def parse() -> Via:
+            every = self.headers._cache.get("via")
+            if every:  # validation parsed them all already
+                return every[0]  # type: ignore[index,no-any-return]
             first = split_comma_untrusted(self._vias_raw()[0])[0]
             if not first:
                 raise bad_request("Empty Via element")
