@@ -18,7 +18,8 @@ Figures, in order:
    200 flows, < 0.1 % loss); anchor: bench/c_relay.c (recvmmsg/sendmmsg, no crypto). Both are
    fed by the same Python sender and counted by the same Python receiver process.
 3. p99 delay added by one relay hop at half of its capacity, ours and the C relay's.
-4. Trunk messages/s over one connection, pipelined: TrunkSession pair over loopback TCP.
+4. Trunk messages/s over one connection, pipelined: TrunkSession pair over loopback TCP
+   (bench/trunk_figure.py).
 5. Remote host memory (RSS) with 500 registered phones.
 6. Calls/s inside one office (0 s calls, < 1 % failures): SIPp caller (tests/sipp/call_uac.xml,
    407 answered with digest) -> remote host -> SIPp callee registered as 2002 (call_uas.xml),
@@ -63,6 +64,10 @@ from typing import Any, Protocol, cast
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":
+    # The figures in their own modules (bench/trunk_figure.py, ...) import this one as `run`:
+    # let that be this very module, so there is one Figure class and one set of settings.
+    sys.modules.setdefault("run", sys.modules[__name__])
 
 from tests.peerhelpers import (  # noqa: E402
     LOOPBACK,
@@ -1243,113 +1248,6 @@ def bench_relay(mode: Mode) -> list[Figure]:
     return [packets, delay]
 
 
-# --- 4: the trunk --------------------------------------------------------------------------
-
-
-def bench_trunk(mode: Mode) -> Figure:
-    figure = Figure(
-        "trunk",
-        "Trunk messages/s over one connection, pipelined (CallProgress)",
-        "messages/s",
-        ">= 100,000/s",
-        cpu_unit="us CPU per message (both ends)",
-    )
-    for n in range(mode.repeats):
-        log(f"trunk, repeat {n + 1}")
-        rate, cpu = trunk_once(mode.trunk_messages)
-        log(f"  {rate:.0f} messages/s")
-        figure.runs.append({"messages": mode.trunk_messages, "rate": rate, "cpu": cpu})
-    figure.ours = median([r["rate"] for r in figure.runs])
-    figure.ours_cpu = median([1e6 * r["cpu"] / r["messages"] for r in figure.runs])
-    figure.target_met = figure.ours >= 100_000
-    figure.note = (
-        "No anchor. Client and server TrunkSession with TrunkConnection in one process (one"
-        " core), over loopback TCP without TLS: the session, framing and msgpack cost only."
-    )
-    return figure
-
-
-def trunk_once(messages: int) -> tuple[float, float]:
-    import trio
-
-    from shared.aio.trunk import TrunkConnection
-    from shared.wire.messages import CallProgress
-    from shared.wire.session import LoginAttempt, Received, State, TrunkSession
-
-    ca_cert = b"bench CA"
-    secret = b"s" * 32
-    result: dict[str, float] = {}
-
-    async def main() -> None:
-        listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
-        port = listeners[0].socket.getsockname()[1]
-        done = trio.Event()
-
-        async def serve(stream: trio.SocketStream) -> None:
-            now = trio.current_time()
-            session = TrunkSession.server(
-                now, nonce=b"n" * 32, software="bench", ca_cert=ca_cert,
-                heartbeat_interval=5.0, dead_after=30.0,
-            )  # fmt: skip
-            conn = TrunkConnection(stream, session)
-            received = 0
-            started = 0.0
-            while True:
-                event = await conn.next_event()
-                if isinstance(event, LoginAttempt):
-                    session.complete_login(
-                        secret, now=trio.current_time(), public_ip=LOOPBACK, public_port=1,
-                        session="bench",
-                    )  # fmt: skip
-                elif isinstance(event, Received):
-                    if received == 0:
-                        started = time.perf_counter()
-                        result["cpu"] = time.process_time()
-                    received += 1
-                    if received == messages:
-                        result["seconds"] = time.perf_counter() - started
-                        result["cpu"] = time.process_time() - result["cpu"]
-                        done.set()
-                        return
-                elif event.__class__.__name__ == "Closed":
-                    done.set()
-                    return
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.serve_listeners, serve, listeners)
-            stream = await trio.open_tcp_stream(LOOPBACK, port)
-            session = TrunkSession.client(
-                trio.current_time(), office="bench", secret=secret, client_nonce=b"c" * 32,
-                software="bench", ca_sha256=hashlib.sha256(ca_cert).digest(),
-            )  # fmt: skip
-            client = TrunkConnection(stream, session)
-
-            established = trio.Event()
-
-            async def client_events() -> None:
-                while session.state is not State.CLOSED:
-                    await client.next_event()
-                    if session.state is State.ESTABLISHED:
-                        established.set()
-
-            nursery.start_soon(client_events)
-            await established.wait()
-            message = CallProgress("bench-call-0123456789@127.0.0.1", 180, "Ringing")
-            batch = 200
-            for i in range(0, messages, batch):
-                for _ in range(min(batch, messages - i)):
-                    session.send(message)
-                await client.flush()
-            await done.wait()
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
-    return messages / result["seconds"], result["cpu"]
-
-
-# --- the report ----------------------------------------------------------------------------
-
-
 def not_measured(key: str, name: str, unit: str, target: str, why: str) -> Figure:
     return Figure(key, name, unit, target, note=f"not measured: {why}")
 
@@ -1481,6 +1379,8 @@ def main() -> int:
                 )
         if "trunk" in only:
             try:
+                from trunk_figure import bench_trunk
+
                 figures.append(bench_trunk(mode))
             except Exception as exc:
                 figures.append(
