@@ -27,12 +27,13 @@ both paths are accepted all the time, and the decision to fall back is the state
 
 One task moves every packet: the WAN socket and all the calls' phone sockets sit in one epoll
 set of the anchor's own (level-triggered), and trio waits for that set's descriptor alone. A
-wakeup then serves every socket that is ready, each drained up to a batch, instead of waking one
-task per call and re-arming each socket with trio after every packet; with a hundred calls that
-per-socket bookkeeping, not the packets, was most of the anchor's CPU. `select.epoll` makes this
-module Linux-only, as the remote host is. The per-packet paths are written out in one loop per
-socket kind, with the leg's AESGCM and header prefix cached (`shared.media.wan` defines how they
-compose); the direct path (F4), keepalives and everything rare go through the general methods.
+wakeup then serves every socket that is ready (the WAN socket drained up to a batch, a phone
+socket read once) instead of waking one task per call and re-arming each socket with trio after
+every packet; with a hundred calls that per-socket bookkeeping cost more than the packets.
+`select.epoll` makes this module Linux-only, as the remote host is. The per-packet paths are
+written out, with the leg's AESGCM and header prefix cached (`shared.media.wan` defines how
+they compose); the direct path (F4), keepalives and everything rare go through the general
+methods. Those written-out paths beside the general ones are why this module is long.
 """
 
 from __future__ import annotations
@@ -77,10 +78,9 @@ __all__ = ["CallMedia", "CallMediaStatistics", "MediaAnchor", "set_dscp_ef"]
 
 KEEPALIVE_INTERVAL = 2.0
 _RECEIVE_SIZE = 2048
-# Datagrams read from the WAN socket, and from one phone socket, per round before the other
-# ready sockets (and other tasks) get their turn.
+# Datagrams read from the WAN socket per round before the other ready sockets get their turn,
+# and work done (datagrams and sockets served) before other tasks do.
 _BATCH = 256
-_PHONE_BATCH = 32
 # A full send buffer (EAGAIN) is waited out this long before the packet is dropped and counted.
 _SEND_STALL = 0.05
 _TX_NONCE = nonce_prefix(DIRECTION_TO_RELAY)
