@@ -81,6 +81,10 @@ _RECEIVE_SIZE = 2048
 # Datagrams read from the WAN socket per round before the other ready sockets get their turn,
 # and work done (datagrams and sockets served) before other tasks do.
 _BATCH = 256
+# The WAN socket carries every call's audio from the relay: room for a pause of the anchor's
+# task (a busy remote host, a slow disk write) without loss. 4 MB requested holds about 5000
+# packets, a second of 100 calls; Linux caps it at net.core.rmem_max (208 KB unless raised).
+_WAN_RECEIVE_BUFFER = 4 << 20
 # A full send buffer (EAGAIN) is waited out this long before the packet is dropped and counted.
 _SEND_STALL = 0.05
 _TX_NONCE = nonce_prefix(DIRECTION_TO_RELAY)
@@ -93,10 +97,12 @@ _SPENT_LIMIT = 4096
 Address = tuple[Any, ...]
 
 
-def _udp_socket(ip: str) -> socket.socket:
+def _udp_socket(ip: str, receive_buffer: int = 0) -> socket.socket:
     family = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        if receive_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         sock.bind((ip, 0))
         sock.setblocking(False)
         set_dscp_ef(sock)
@@ -612,7 +618,7 @@ class MediaAnchor:
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind the WAN socket on port 0 and relay until cancelled; started with `wan_port`."""
-        sock = _udp_socket(self.wan_ip)
+        sock = _udp_socket(self.wan_ip, _WAN_RECEIVE_BUFFER)
         poller = select.epoll()
         try:
             self.wan_port = sock.getsockname()[1]

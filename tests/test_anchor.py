@@ -692,6 +692,15 @@ async def test_serve_ending_closes_every_call(keys: dict[str, bytes]) -> None:
     assert anchor.statistics().calls == 0
 
 
+async def test_the_wan_socket_has_room_for_a_pause(nursery: trio.Nursery) -> None:
+    anchor = await start_anchor(nursery)
+    media = await anchor.open_call("c1")
+    assert anchor._wan_sock is not None
+    wan = anchor._wan_sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    # Every call's audio from the relay shares it; a phone socket carries one phone's.
+    assert wan > media._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+
 async def test_sockets_are_marked_expedited_forwarding(
     nursery: trio.Nursery, keys: dict[str, bytes]
 ) -> None:
@@ -846,7 +855,7 @@ def stalling_sockets(monkeypatch: pytest.MonkeyPatch) -> list[StallingSocket]:
     """Every socket the anchor opens from now on, in order (the WAN socket first)."""
     made: list[StallingSocket] = []
 
-    def udp_socket(ip: str) -> socket.socket:
+    def udp_socket(ip: str, receive_buffer: int = 0) -> socket.socket:
         sock = StallingSocket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind((ip, 0))
         sock.setblocking(False)

@@ -480,6 +480,16 @@ async def test_relay_socket_is_marked_expedited_forwarding(keys: dict[str, bytes
         assert sock.fileno() != -1
 
 
+async def test_a_socket_the_relay_binds_has_room_for_a_pause(
+    nursery: trio.Nursery, keys: dict[str, bytes]
+) -> None:
+    relay, _ = await start_relay(nursery, keys)
+    assert relay._sock is not None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as plain:
+        default = plain.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    assert relay._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) > default
+
+
 async def test_ipv6_relay_sets_traffic_class(keys: dict[str, bytes]) -> None:
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
