@@ -78,9 +78,12 @@ __all__ = ["CallMedia", "CallMediaStatistics", "MediaAnchor", "set_dscp_ef"]
 
 KEEPALIVE_INTERVAL = 2.0
 _RECEIVE_SIZE = 2048
-# Datagrams read from the WAN socket per round before the other ready sockets get their turn,
-# and work done (datagrams and sockets served) before other tasks do.
+# Work done (datagrams read and sockets served) before other tasks get their turn.
 _BATCH = 256
+# Datagrams read from the WAN socket per round, at least; more when more phone sockets were
+# ready in the round (one read each), so that under overload both directions get an equal share
+# and neither side's receive queue overflows first.
+_WAN_ROUND = 16
 # The WAN socket carries every call's audio from the relay: room for a pause of the anchor's
 # task (a busy remote host, a slow disk write) without loss. 4 MB requested holds about 5000
 # packets, a second of 100 calls; Linux caps it at net.core.rmem_max (208 KB unless raised).
@@ -612,6 +615,7 @@ class MediaAnchor:
         # A packet the kernel had no room for (EAGAIN): (socket, packet, address, its call,
         # True if it goes to the phone).
         self._stalled: tuple[socket.socket, bytes, Address, CallMedia, bool] | None = None
+        self._wan_round = _WAN_ROUND
         self._received = 0
         self._dropped_malformed = 0
         self._dropped_unknown_leg = 0
@@ -734,6 +738,7 @@ class MediaAnchor:
                 if not ready:
                     break
                 now = trio.current_time()
+                self._wan_round = max(_WAN_ROUND, len(ready))
                 for fd, _ in ready:
                     reader = readers.get(fd)
                     if reader is not None:
@@ -772,7 +777,7 @@ class MediaAnchor:
         media._send_failures += 1
 
     def _drain_wan(self, now: float) -> int:
-        """Read up to `_BATCH` datagrams from the WAN socket: from the relay, opened and sent
+        """Read up to `_wan_round` datagrams from the WAN socket: from the relay, opened and sent
         to the call's phone here; anything else (the direct path, packets to refuse) through
         `CallMedia._from_wan`. The checks are `open_untrusted`'s, in its order."""
         sock = self._wan_sock
@@ -781,7 +786,7 @@ class MediaAnchor:
         recvfrom = sock.recvfrom
         by_leg = self._by_leg.get
         received = 0
-        for _ in range(_BATCH):
+        for _ in range(self._wan_round):
             try:
                 data, source = recvfrom(_RECEIVE_SIZE)
             except BlockingIOError:
