@@ -40,7 +40,14 @@ from typing import ClassVar
 
 from shared.sip.errors import SipParseError
 from shared.sip.headers import Via, split_comma_untrusted
-from shared.sip.message import Headers, SipMessage, SipRequest, SipResponse, make_response
+from shared.sip.message import (
+    Headers,
+    SipMessage,
+    SipRequest,
+    SipResponse,
+    make_response,
+    parse_message_untrusted,
+)
 
 MAGIC_COOKIE = "z9hG4bK"
 
@@ -857,9 +864,10 @@ _CLASSES: dict[tuple[bool, bool], type[Transaction]] = {
 @dataclass(slots=True)
 class _Completed:
     """What is left of a non-INVITE server transaction in Completed over an unreliable
-    transport: the final response to send again and where to, until Timer J (§17.2.2)."""
+    transport: the final response to send again (as the bytes it was sent as, parsed back
+    only for a retransmission, which is rare) and where to, until Timer J (§17.2.2)."""
 
-    response: SipResponse
+    response: bytes
     peer: object
     expires: float
 
@@ -880,11 +888,12 @@ class TransactionLayer:
     A non-INVITE server transaction that has answered over UDP has nothing left to do but
     send its final response again to each retransmission of the request, for Timer J (64*T1 =
     32 s, §17.2.2). Those are most of the transactions of a busy registrar (two per
-    registration), so the layer keeps only the response, the peer and the expiry of each, in
-    completion order, which is also expiry order (Timer J is the same for all): no timer heap
-    entry, a few hundred bytes instead of the whole machine. Up to `max_completed` are kept;
-    beyond that the oldest is dropped (counted in `completed_evicted`): a retransmission that
-    late is then taken as a new request, which costs a parse, not a refusal.
+    registration), so the layer keeps only the response's bytes, the peer and the expiry of
+    each, in completion order, which is also expiry order (Timer J is the same for all): no
+    timer heap entry, under a kilobyte instead of the whole machine (about 15 KB). Up to
+    `max_completed` are kept; beyond that the oldest is dropped (counted in
+    `completed_evicted`): a retransmission that late is then taken as a new request, which
+    costs a parse, not a refusal.
 
     When `max_transactions` are live (not counting the completed ones above), a new request
     (except ACK, which is never answered) gets a stateless 503 with Retry-After instead of a
@@ -1028,7 +1037,8 @@ class TransactionLayer:
             # §17.2.2: in Completed, a retransmission gets the final response again.
             self._stats.retransmissions_absorbed += 1
             self._stats.retransmissions_sent += 1
-            return [SendMessage(key, completed.response, completed.peer, False)]
+            response = parse_message_untrusted(completed.response)  # our own bytes
+            return [SendMessage(key, response, completed.peer, False)]
         if len(self._transactions) >= self.max_transactions:
             self._stats.overload_refused += 1
             self._logger.debug("SIP transaction limit reached: 503 to %s", request.method)
@@ -1146,7 +1156,7 @@ class TransactionLayer:
             del completed[next(iter(completed))]
             self._stats.completed_evicted += 1
             self._stats.terminated += 1
-        completed[key] = _Completed(response, transaction.peer, expires)
+        completed[key] = _Completed(response.encode(), transaction.peer, expires)
 
     def _compact(self) -> None:
         self._heap = [d for d in self._heap if self._scheduled.get(d.key) == d.when]
