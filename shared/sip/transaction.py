@@ -891,9 +891,9 @@ class TransactionLayer:
     registration), so the layer keeps only the response's bytes, the peer and the expiry of
     each, in completion order, which is also expiry order (Timer J is the same for all): no
     timer heap entry, under a kilobyte instead of the whole machine (about 15 KB). Up to
-    `max_completed` are kept; beyond that the oldest is dropped (counted in
-    `completed_evicted`): a retransmission that late is then taken as a new request, which
-    costs a parse, not a refusal.
+    `max_completed` are kept (40,000: 32 s of 1,250 answered requests a second, about 38 MB);
+    beyond that the oldest is dropped (counted in `completed_evicted`): a retransmission that
+    late is then taken as a new request, which costs a parse, not a refusal.
 
     When `max_transactions` are live (not counting the completed ones above), a new request
     (except ACK, which is never answered) gets a stateless 503 with Retry-After instead of a
@@ -908,7 +908,7 @@ class TransactionLayer:
         *,
         timers: TimerConfig = DEFAULT_TIMERS,
         max_transactions: int = 10_000,
-        max_completed: int = 100_000,
+        max_completed: int = 40_000,
         retry_after: int = 5,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
         logger: logging.Logger | None = None,
