@@ -251,6 +251,10 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         )
     except ValueError:
         ip = None
+    if len(text) > _IP_MEMO_MAX_TEXT:
+        # Not an address we will see again (no IP literal is this long): a Via host name
+        # from the network, which must not pin memory.
+        return ip
     if len(_IP_MEMO) >= _IP_MEMO_SIZE:
         # Addresses come from the network: bounded, and cheap to start over.
         _IP_MEMO.clear()
@@ -262,6 +266,7 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 # addresses come back on every message.
 _IP_MEMO: dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address | None] = {}
 _IP_MEMO_SIZE = 4096
+_IP_MEMO_MAX_TEXT = 64  # the longest IPv6 literal, bracketed with a scope, fits
 _NOT_SEEN = object()
 
 

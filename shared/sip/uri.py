@@ -307,13 +307,18 @@ def parse_uri_untrusted(text: str) -> Uri:
 
     Raises only `SipParseError` (status 400). The same text gives the same (frozen) object:
     a phone sends the same few URIs in every request (Request-URI, its AOR in From and To,
-    its Contact), so parses are remembered, up to `_URI_MEMO_SIZE` texts. Never mutate a
-    parsed URI's `params` dict (nothing does; `with_params`-style helpers build new ones).
+    its Contact), so parses are remembered, up to `_URI_MEMO_SIZE` texts of at most
+    `_URI_MEMO_MAX_TEXT` characters. Never mutate a parsed URI's `params` dict (nothing does;
+    `with_params`-style helpers build new ones).
     """
     found = _URI_MEMO.get(text)
     if found is not None:
         return found
     uri = _parse_uri(text)
+    if len(text) > _URI_MEMO_MAX_TEXT:
+        # Phones' URIs are short; a long one is rare or hostile, and remembering 4,096 texts
+        # of up to a header line (8 KB) each would pin some 60 MB.
+        return uri
     if len(_URI_MEMO) >= _URI_MEMO_SIZE:
         _URI_MEMO.clear()  # texts come from the network: bounded, and cheap to start over
     _URI_MEMO[text] = uri
@@ -322,6 +327,7 @@ def parse_uri_untrusted(text: str) -> Uri:
 
 _URI_MEMO: dict[str, Uri] = {}
 _URI_MEMO_SIZE = 4096
+_URI_MEMO_MAX_TEXT = 256
 
 
 def _parse_uri(text: str) -> Uri:
