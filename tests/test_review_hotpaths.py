@@ -274,3 +274,47 @@ def test_a_response_made_from_a_stamped_request_routes_by_the_stamped_via() -> N
     assert seeded == fresh
     assert seeded.received == PEER[0] and seeded.params.get("rport") == str(PEER[1])
     assert str(seeded) == response.headers.get("Via")
+
+
+async def test_a_udp_sender_waiting_for_room_is_told_when_the_transport_stops(
+    stalling: list[StallingSocket],
+) -> None:
+    # The socket is a plain one now: closing it does not wake a task trio has waiting on it
+    # (trio.lowlevel.notify_closing), so a sender waiting for room would hang for ever; it
+    # must get SipTransportError like any send on a stopped transport.
+    async def ignore(message: Any, source: Any) -> None:
+        pass
+
+    writer, reader = socket.socketpair()
+    outcome: list[BaseException | None] = []
+    with writer, reader:
+        fill(writer)
+        async with trio.open_nursery() as outer:
+            serving = trio.CancelScope()
+
+            async def serve(task_status: trio.TaskStatus[Any]) -> None:
+                with serving:
+                    await serve_sip_transports(LOOPBACK, 0, ignore, task_status=task_status)
+
+            _, transport = await outer.start(serve)
+            [udp] = stalling
+            udp.gate = writer
+            udp.full = True
+
+            async def send() -> None:
+                try:
+                    await transport.send(request_bytes(1), Destination("udp", (LOOPBACK, 9)))
+                except Exception as exc:  # what it raises is the point
+                    outcome.append(exc)
+                else:
+                    outcome.append(None)
+
+            outer.start_soon(send)
+            await trio.testing.wait_all_tasks_blocked()
+            assert udp.refused == 1 and outcome == []
+            serving.cancel()
+            with trio.fail_after(GUARD):
+                while not outcome:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+    [error] = outcome
+    assert isinstance(error, sip_transport.SipTransportError)

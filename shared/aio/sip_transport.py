@@ -642,9 +642,14 @@ class SipTransport:
                 except BlockingIOError:
                     # The send buffer is full: wait until it drains (one waiter per socket).
                     async with self._udp_send_lock:
+                        if self._closed:
+                            raise trio.ClosedResourceError from None
                         await trio.lowlevel.wait_writable(udp)
         except OSError as exc:
             raise SipTransportError(f"UDP send to {_show(address)} failed: {exc}") from None
+        except trio.ClosedResourceError:
+            # The transport stopped while we waited for room (serve_sip_transports).
+            raise SipTransportError("the SIP transport is closed") from None
 
     # -- UDP -----------------------------------------------------------------------------------
 
@@ -954,5 +959,8 @@ async def serve_sip_transports(
             task_status.started((address, transport))
     finally:
         transport._close()
+        # A plain socket: a sender waiting for room on it must be woken (ClosedResourceError)
+        # before the descriptor goes, or it would wait for ever.
+        trio.lowlevel.notify_closing(udp)
         udp.close()
         tcp.close()
