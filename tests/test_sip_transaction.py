@@ -915,6 +915,65 @@ def test_completed_non_invite_server_transactions_answer_retransmissions_until_t
     assert [type(e) for e in events] == [RequestReceived]
 
 
+def test_an_accepted_invite_server_transaction_is_kept_small_and_still_works() -> None:
+    """RFC 6026 §8.7 Accepted, kept as a record: INVITE retransmissions absorbed, ACKs to the
+    TU, the TU's 2xx retransmissions sent, a CANCEL still finds it, Timer L ends it."""
+    layer = TransactionLayer()
+    invite = request("INVITE")
+    [received] = up(layer.receive(invite, 0.0, "caller", reliable=False))
+    assert isinstance(received, RequestReceived)
+    ok = response(invite, 200)
+    assert sent(layer.send_response(received.key, ok, 0.5)) == [ok]
+    key = received.key
+    assert layer.get(key) is None and key in layer and layer.statistics().completed == 1
+    assert layer.receive(wire(invite), 0.6, "caller", reliable=False) == []
+    assert layer.send_response(key, ok, 1.0) == [SendMessage(key, ok, "caller", False)]
+    with pytest.raises(TransactionError):
+        layer.send_response(key, response(invite, 486), 1.0)
+    ack = request("ACK", to_tag="bob-tag")  # same branch: matches the transaction
+    assert layer.receive(ack, 1.1, "elsewhere", reliable=False) == [AckReceived(key, ack, "caller")]
+    assert layer.transport_error(key, 1.2) == [TransportFailure(key, None)]
+    assert key in layer  # Accepted stays after a transport error
+    [cancel_received] = up(layer.receive(request("CANCEL"), 1.3, "caller", reliable=False))
+    assert isinstance(cancel_received, RequestReceived) and cancel_received.cancels == key
+    assert layer.get_timer() == pytest.approx(0.5 + 64 * T1)
+    assert TransactionTerminated(key) in layer.handle_timer(0.5 + 64 * T1)
+    assert key not in layer
+    # A new INVITE with that branch is a new transaction again.
+    assert up(layer.receive(wire(invite), 40.0, "caller", reliable=False))
+
+
+def test_an_accepted_invite_client_transaction_passes_2xx_retransmissions_until_timer_m() -> None:
+    layer = TransactionLayer(random_bytes=counter_bytes())
+    invite = request("INVITE", branch=layer.new_branch())
+    key, _ = layer.send_request(invite, 0.0, "callee", reliable=False)
+    ok = wire(response(invite, 200))
+    assert isinstance(ok, SipResponse)
+    assert layer.receive(ok, 0.2, "callee", reliable=False) == [ResponseReceived(key, ok)]
+    assert layer.get(key) is None and key in layer
+    # RFC 6026 §8.4: each retransmitted 2xx reaches the TU (it ACKs again); others do not.
+    assert layer.receive(ok, 0.7, "callee", reliable=False) == [ResponseReceived(key, ok)]
+    ringing = wire(response(invite, 180))
+    assert layer.receive(ringing, 0.8, "callee", reliable=False) == []
+    assert layer.statistics().ignored == 1
+    assert layer.handle_timer(0.2 + 64 * T1) == [TransactionTerminated(key)]
+    assert len(layer) == 0 and layer.statistics().stray_responses == 0
+    assert layer.receive(ok, 40.0, "callee", reliable=False) == []
+    assert layer.statistics().stray_responses == 1
+
+
+def test_an_rfc2543_invite_server_transaction_stays_whole_when_accepted() -> None:
+    # Its ACK is matched by the To tag of our response, which the record would not keep.
+    layer = TransactionLayer()
+    invite = request("INVITE", branch=None)
+    [received] = up(layer.receive(invite, 0.0, "old-phone", reliable=False))
+    assert isinstance(received, RequestReceived)
+    layer.send_response(received.key, response(invite, 200), 0.1)
+    txn = layer.get(received.key)
+    assert txn is not None and txn.state is State.ACCEPTED
+    assert layer.statistics().completed == 0
+
+
 def test_a_storm_of_answered_requests_never_fills_the_layer() -> None:
     """A registration storm leaves thousands of answered transactions waiting for Timer J;
     they must not push new requests into 503 (they used to, for 32 s), and they stay within
@@ -1146,7 +1205,7 @@ class Endpoint:
     def handle_timer(self, now: float) -> None:
         self.dispatch(self.layer.handle_timer(now), now)
         if self.resend_at is not None and self.resend_at <= now and self.pending_2xx:
-            if now >= self.give_up_at or self.layer.get(self.pending_2xx[0]) is None:
+            if now >= self.give_up_at or self.pending_2xx[0] not in self.layer:
                 # §13.3.1.4: no ACK within 64*T1: the UAS would send a BYE; we just stop.
                 self.gave_up = True
                 self.resend_at = None

@@ -861,15 +861,37 @@ _CLASSES: dict[tuple[bool, bool], type[Transaction]] = {
 }
 
 
+class _Kind(enum.Enum):
+    ANSWERED = "non-INVITE server, Completed"  # until Timer J (§17.2.2)
+    ACCEPTED_SERVER = "INVITE server, Accepted"  # until Timer L (RFC 6026 §8.7)
+    ACCEPTED_CLIENT = "INVITE client, Accepted"  # until Timer M (RFC 6026 §8.4)
+
+
 @dataclass(slots=True)
 class _Completed:
-    """What is left of a non-INVITE server transaction in Completed over an unreliable
-    transport: the final response to send again (as the bytes it was sent as, parsed back
-    only for a retransmission, which is rare) and where to, until Timer J (§17.2.2)."""
+    """What is left of a transaction that only waits to absorb retransmissions, for 64*T1:
+    the final response to send again (ANSWERED: as the bytes it was sent as, parsed back only
+    for a retransmission, which is rare), the peer, the transport and the expiry."""
 
-    response: bytes
+    kind: _Kind
+    response: bytes | None
     peer: object
+    reliable: bool
     expires: float
+
+
+def _lingering_kind(transaction: Transaction) -> _Kind | None:
+    """What `transaction` is, if all it does now is wait for retransmissions for 64*T1."""
+    state = transaction.state
+    if state is State.COMPLETED and isinstance(transaction, NonInviteServerTransaction):
+        return _Kind.ANSWERED  # over UDP (over TCP Timer J is zero: it ended already)
+    if state is State.ACCEPTED:
+        if isinstance(transaction, InviteClientTransaction):
+            return _Kind.ACCEPTED_CLIENT
+        if transaction.key.sent_by:
+            # (An RFC 2543 peer's ACK is matched by the To tag of our response: kept whole.)
+            return _Kind.ACCEPTED_SERVER
+    return None
 
 
 @dataclass(slots=True)
@@ -974,6 +996,16 @@ class TransactionLayer:
     def send_response(self, key: TransactionKey, response: SipResponse, now: float) -> list[Event]:
         """The TU answers server transaction `key`."""
         transaction = self._transactions.get(key)
+        if transaction is None:
+            completed = self._completed.get(key)
+            if completed is not None and completed.kind is _Kind.ACCEPTED_SERVER:
+                if not 200 <= response.status < 300:
+                    raise TransactionError(
+                        f"INVITE {key.branch} was accepted: only a 2xx again, not a "
+                        f"{response.status}"
+                    )
+                # RFC 6026 §8.6: the TU's retransmissions of its 2xx go out through Accepted.
+                return [SendMessage(key, response, completed.peer, completed.reliable)]
         if not isinstance(transaction, ServerTransaction):
             raise TransactionError(f"no server transaction {key}")
         return self._after(transaction, transaction.send_response(response, now))
@@ -982,10 +1014,15 @@ class TransactionLayer:
         """The transport failed to send a message of transaction `key` (from `SendMessage`)."""
         transaction = self._transactions.get(key)
         if transaction is None:
-            if self._completed.pop(key, None) is None:
+            completed = self._completed.get(key)
+            if completed is None or completed.kind is _Kind.ACCEPTED_CLIENT:
                 return []
-            # Completed + transport error: Terminated, the TU informed (§17.2.4, figure 8).
             self._stats.transport_errors += 1
+            if completed.kind is _Kind.ACCEPTED_SERVER:
+                # RFC 6026 §8.7: Accepted informs the TU and stays.
+                return [TransportFailure(key, None)]
+            # Completed + transport error: Terminated, the TU informed (§17.2.4, figure 8).
+            del self._completed[key]
             self._stats.terminated += 1
             return [TransportFailure(key, None), TransactionTerminated(key)]
         self._stats.transport_errors += 1
@@ -1008,7 +1045,16 @@ class TransactionLayer:
             return []
 
     def _receive_response(self, response: SipResponse, now: float) -> list[Event]:
-        transaction = self._transactions.get(client_key(response))
+        key = client_key(response)
+        transaction = self._transactions.get(key)
+        if transaction is None:
+            completed = self._completed.get(key)
+            if completed is not None and completed.kind is _Kind.ACCEPTED_CLIENT:
+                if 200 <= response.status < 300:
+                    # RFC 6026 §8.4: a retransmitted 2xx goes to the TU, which ACKs it again.
+                    return [ResponseReceived(key, response)]
+                self._stats.ignored += 1
+                return []
         if not isinstance(transaction, ClientTransaction):
             # RFC 6026: a response matching no client transaction is discarded, not handed to
             # the core (the 2xx retransmissions it used to carry now match Accepted).
@@ -1021,6 +1067,14 @@ class TransactionLayer:
     ) -> list[Event]:
         key = server_key(request)
         transaction = self._transactions.get(key)
+        completed = self._completed.get(key) if transaction is None else None
+        if completed is not None and completed.kind is _Kind.ACCEPTED_SERVER:
+            # RFC 6026 §8.7: in Accepted an ACK goes to the TU, a retransmitted INVITE is
+            # absorbed (the TU retransmits its 2xx itself).
+            if request.method == "ACK":
+                return [AckReceived(key, request, completed.peer)]
+            self._stats.retransmissions_absorbed += 1
+            return []
         if request.method == "ACK" and (
             transaction is None or not self._ack_matches(transaction, request)
         ):
@@ -1032,13 +1086,12 @@ class TransactionLayer:
             if request.method != "ACK":
                 self._stats.retransmissions_absorbed += 1
             return self._after(transaction, transaction.receive(request, now))
-        completed = self._completed.get(key)
-        if completed is not None:
+        if completed is not None and completed.response is not None:
             # §17.2.2: in Completed, a retransmission gets the final response again.
             self._stats.retransmissions_absorbed += 1
             self._stats.retransmissions_sent += 1
             response = parse_message_untrusted(completed.response)  # our own bytes
-            return [SendMessage(key, response, completed.peer, False)]
+            return [SendMessage(key, response, completed.peer, completed.reliable)]
         if len(self._transactions) >= self.max_transactions:
             self._stats.overload_refused += 1
             self._logger.debug("SIP transaction limit reached: 503 to %s", request.method)
@@ -1053,7 +1106,7 @@ class TransactionLayer:
         if request.method == "CANCEL":
             # §9.2: the CANCEL matches the INVITE whose transaction its own key would name.
             invite_key = TransactionKey(True, "INVITE", key.branch, key.sent_by)
-            if invite_key in self._transactions:
+            if invite_key in self:
                 events = [
                     RequestReceived(e.key, e.request, e.source, invite_key)
                     if isinstance(e, RequestReceived)
@@ -1127,10 +1180,9 @@ class TransactionLayer:
                 stats.terminated += 1
             self._scheduled.pop(key, None)
             return events
-        if transaction.state is State.COMPLETED and isinstance(
-            transaction, NonInviteServerTransaction
-        ):
-            self._keep_completed(transaction)
+        kind = _lingering_kind(transaction)
+        if kind is not None:
+            self._keep_completed(transaction, kind)
             return events
         when = transaction.get_timer()
         if when is None:
@@ -1143,12 +1195,17 @@ class TransactionLayer:
                 self._compact()
         return events
 
-    def _keep_completed(self, transaction: Transaction) -> None:
-        """Replace a non-INVITE server transaction that entered Completed by its `_Completed`."""
+    def _keep_completed(self, transaction: Transaction, kind: _Kind) -> None:
+        """Replace a transaction that only waits for retransmissions by its `_Completed`."""
         key = transaction.key
-        expires = transaction.deadline(Timer.J)
+        timer = {_Kind.ANSWERED: Timer.J, _Kind.ACCEPTED_SERVER: Timer.L}.get(kind, Timer.M)
+        expires = transaction.deadline(timer)
         response = transaction.last_response
-        assert expires is not None and response is not None  # Completed over UDP
+        assert expires is not None  # Completed over UDP, or Accepted
+        encoded = None
+        if kind is _Kind.ANSWERED:
+            assert response is not None
+            encoded = response.encode()
         del self._transactions[key]
         self._scheduled.pop(key, None)
         completed = self._completed
@@ -1156,7 +1213,7 @@ class TransactionLayer:
             del completed[next(iter(completed))]
             self._stats.completed_evicted += 1
             self._stats.terminated += 1
-        completed[key] = _Completed(response.encode(), transaction.peer, expires)
+        completed[key] = _Completed(kind, encoded, transaction.peer, transaction.reliable, expires)
 
     def _compact(self) -> None:
         self._heap = [d for d in self._heap if self._scheduled.get(d.key) == d.when]
