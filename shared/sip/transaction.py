@@ -909,10 +909,12 @@ class TransactionLayer:
 
     A non-INVITE server transaction that has answered over UDP has nothing left to do but
     send its final response again to each retransmission of the request, for Timer J (64*T1 =
-    32 s, §17.2.2). Those are most of the transactions of a busy registrar (two per
-    registration), so the layer keeps only the response's bytes, the peer and the expiry of
-    each, in completion order, which is also expiry order (Timer J is the same for all): no
-    timer heap entry, under a kilobyte instead of the whole machine (about 15 KB). Up to
+    32 s, §17.2.2); an INVITE transaction in Accepted (RFC 6026) only passes ACKs or 2xx
+    retransmissions on, for Timer L or M (64*T1 too). Those are most of the transactions of a
+    busy registrar (two per registration) or PBX (two per call), so the layer keeps only the
+    response's bytes (non-INVITE), the peer and the expiry of each, in completion order, which
+    is also expiry order (the timers are all 64*T1): no timer heap entry, under a kilobyte
+    instead of the whole machine (about 15 KB, more with an SDP body). Up to
     `max_completed` are kept (40,000: 32 s of 1,250 answered requests a second, about 38 MB);
     beyond that the oldest is dropped (counted in `completed_evicted`): a retransmission that
     late is then taken as a new request, which costs a parse, not a refusal.
