@@ -704,6 +704,43 @@ async def test_udp_burst_larger_than_the_queue_is_not_dropped_when_the_handler_k
     assert [int(str(m.call_id).rpartition("-")[2]) for m in seen] == list(range(burst))
 
 
+async def test_a_handler_working_off_a_backlog_lets_other_tasks_run_every_batch(
+    nursery: trio.Nursery,
+) -> None:
+    """The media anchor shares the trio thread: a handler with 100 messages queued must not
+    handle them all before another task gets a turn (counted in messages, not timed)."""
+    burst = 100
+    gate = trio.Event()
+    seen: list[SipMessage] = []
+
+    async def held_then_quick(message: SipMessage, source: Source) -> None:
+        if not gate.is_set():
+            await gate.wait()  # the backlog builds up behind the first message
+        seen.append(message)  # then no schedule point, as the registrar's path has none
+
+    server = await start(nursery, held_then_quick, queue_size=burst + 10)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.bind((LOOPBACK, 0))
+        for i in range(burst):
+            client.sendto(request_bytes(call_id=f"backlog-{i}"), server.address)
+        await wait_until(lambda: server.transport.statistics().received == burst)
+    handled_between_turns: list[int] = []
+
+    async def other_task() -> None:
+        last = len(seen)
+        while len(seen) < burst:
+            await trio.lowlevel.checkpoint()
+            handled_between_turns.append(len(seen) - last)
+            last = len(seen)
+
+    async with trio.open_nursery() as probe:
+        probe.start_soon(other_task)
+        gate.set()
+    assert len(seen) == burst
+    # Trio may run the handler twice between two turns of another task, never more.
+    assert max(handled_between_turns) <= 2 * sip_transport.UDP_BATCH
+
+
 async def test_udp_flood_with_a_stuck_handler_drops_and_never_blocks_the_receive_loop(
     nursery: trio.Nursery,
     udp_client: UdpClient,
