@@ -110,11 +110,6 @@ def test_distinct_long_via_hosts_from_the_network_do_not_pile_up_in_memory() -> 
     assert retained_by_shared(make) < RETAINED_LIMIT
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shared/sip/headers.py _is_ip_address: functools.lru_cache(4096) keyed by any "
-    "`received` text from the network, however long (not a file this review may change)",
-)
 def test_distinct_long_via_received_values_do_not_pile_up_in_memory() -> None:
     def make(i: int) -> bytes:
         via = f"SIP/2.0/UDP 192.0.2.7:5062;branch=z9hG4bK-{i};received={long_text(i, 'x')}"

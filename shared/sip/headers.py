@@ -534,10 +534,17 @@ def parse_via_untrusted(value: str) -> Via:
     return Via(transport.upper(), host, port, params, f"{name.upper()}/{version}")
 
 
-@functools.lru_cache(maxsize=4096)
 def _is_ip_address(text: str) -> bool:
-    """Whether `text` is an IP address (IPv6 perhaps in brackets). Cached: every response we
-    route carries the `received` we stamped, and the same few addresses come back."""
+    """Whether `text` is an IP address (IPv6 perhaps in brackets). Remembered for short texts:
+    every response we route carries the `received` we stamped, and the same few addresses come
+    back; a long text (no address is longer than 64 characters) is never kept."""
+    if len(text) > 64:
+        return False
+    return _is_short_ip_address(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_short_ip_address(text: str) -> bool:
     try:
         ipaddress.ip_address(text.strip("[]"))
     except ValueError:
