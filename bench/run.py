@@ -547,7 +547,7 @@ def bench_register(mode: Mode, work: Path, profile: bool) -> list[Figure]:
                     mode.step_seconds,
                     lambda: cpu_seconds(pid),
                 ),
-                0.8 * ours_best[-1].achieved if ours_best and ours_best[-1].ok else 250.0,
+                0.8 * ours_best[-1].achieved if ours_best and ours_best[-1].ok else 500.0,
                 bisections,
             )
             ours_best.append(best)
@@ -594,7 +594,7 @@ def bench_register(mode: Mode, work: Path, profile: bool) -> list[Figure]:
                         work, port, injection, rate, mode.step_seconds,
                         lambda: tree_cpu(process.pid),
                     ),
-                    (0.8 * anchor_best[-1].achieved if anchor_best and anchor_best[-1].ok else 4e3),
+                    (0.8 * anchor_best[-1].achieved if anchor_best and anchor_best[-1].ok else 8e3),
                     bisections,
                 )  # fmt: skip
                 anchor_best.append(best)
@@ -754,7 +754,7 @@ def bench_calls(mode: Mode, work: Path) -> Figure:
             wait_for(lambda: office.registrations("2002") or None, "the callee registered", 10.0)
             for n in range(mode.repeats):
                 log(f"calls inside an office, remote host, repeat {n + 1}")
-                start = 0.8 * best_runs[-1].achieved if best_runs and best_runs[-1].ok else 64.0
+                start = 0.8 * best_runs[-1].achieved if best_runs and best_runs[-1].ok else 100.0
                 best = find_max_rate(
                     lambda rate: sipp_call_step(
                         work, target, ("2001", phones["2001"]), "2002", rate,
@@ -779,7 +779,7 @@ def bench_calls(mode: Mode, work: Path) -> Figure:
             for n in range(mode.repeats):
                 log(f"calls inside an office, Kamailio, repeat {n + 1}")
                 start = (
-                    0.8 * anchor_runs[-1].achieved if anchor_runs and anchor_runs[-1].ok else 2000.0
+                    0.8 * anchor_runs[-1].achieved if anchor_runs and anchor_runs[-1].ok else 4000.0
                 )
                 best = find_max_rate(
                     lambda rate: sipp_call_step(
