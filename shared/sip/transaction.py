@@ -915,7 +915,7 @@ class TransactionLayer:
     response's bytes (non-INVITE), the peer and the expiry of each, in completion order, which
     is also expiry order (the timers are all 64*T1): no timer heap entry, under a kilobyte
     instead of the whole machine (about 15 KB, more with an SDP body). Up to
-    `max_completed` are kept (40,000: 32 s of 1,250 answered requests a second, about 38 MB);
+    `max_completed` are kept (20,000: 32 s of 625 answered requests a second, about 19 MB);
     beyond that the oldest is dropped (counted in `completed_evicted`): a retransmission that
     late is then taken as a new request, which costs a parse, not a refusal.
 
@@ -932,7 +932,7 @@ class TransactionLayer:
         *,
         timers: TimerConfig = DEFAULT_TIMERS,
         max_transactions: int = 10_000,
-        max_completed: int = 40_000,
+        max_completed: int = 20_000,
         retry_after: int = 5,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
         logger: logging.Logger | None = None,
