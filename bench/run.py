@@ -7,7 +7,7 @@ anchor measured in the same run on the same machine, the ratio, and the CPU time
 
     .venv/bin/python bench/run.py --quick              # under 2 minutes
     .venv/bin/python bench/run.py                      # under 15 minutes
-    .venv/bin/python bench/run.py --quick --profile    # plus py-spy on the remote host
+    .venv/bin/python bench/run.py --quick --profile    # plus py-spy of the remote host
 
 Figures, in order:
 
@@ -622,26 +622,56 @@ def bench_register(mode: Mode, work: Path, profile: bool) -> list[Figure]:
 def profile_register(
     work: Path, port: int, injection: Path, pid: int, best: list[StepResult]
 ) -> str:
-    """py-spy on the remote host while SIPp overloads it a little; the top functions."""
+    """py-spy on the remote host while SIPp registers at about its best rate."""
+    rate = 1.2 * max((b.target for b in best), default=250.0)
+    return profile_process(
+        "register",
+        "the remote host under REGISTER load",
+        pid,
+        work,
+        lambda seconds: sipp_register_step(
+            work, port, injection, rate, seconds, lambda: cpu_seconds(pid)
+        ),
+        f"{rate:.0f} registrations/s offered",
+    )
+
+
+@dataclass
+class Profile:
+    title: str
+    samples: int
+    self_time: list[dict[str, Any]]
+    inclusive: list[dict[str, Any]]
+
+
+PROFILES: dict[str, Profile] = {}
+# Frames every sample passes through: the program's entry, runpy, trio's run loop.
+PROFILE_SKIP = ("<module>", "<frozen runpy>", "cli.py)", "run (trio", "unrolled_run", "run_main")
+
+
+def profile_process(
+    key: str, title: str, pid: int, work: Path, drive: Callable[[float], object], load: str
+) -> str:
+    """py-spy (`--gil`: samples of the thread running Python, so CPU, not time waiting in
+    epoll) on process `pid` while `drive(seconds)` loads it; the top functions by own and by
+    inclusive time go to PROFILES[key] and the report, a flame graph to bench/results/."""
     py_spy = ensure_py_spy()
-    rate = 1.5 * max((b.target for b in best), default=250.0)
-    seconds = 5
-    results = []
-    spy_argv = [py_spy, "record", "--pid", str(pid), "--duration", str(seconds), "--nonblocking"]
-    for fmt, out in (("flamegraph", RESULTS / "register.svg"), ("raw", work / "register.txt")):
+    seconds = 5.0
+    spy_argv = [py_spy, "record", "--pid", str(pid), "--duration", f"{seconds:g}"]
+    spy_argv += ["--nonblocking", "--gil"]
+    raw = work / f"{key}-profile.txt"
+    for fmt, out in (("flamegraph", RESULTS / f"{key}.svg"), ("raw", raw)):
         spy = subprocess.Popen(
             [*spy_argv, "-o", str(out), "--format", fmt],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         time.sleep(0.5)
-        sipp_register_step(work, port, injection, rate, seconds, lambda: cpu_seconds(pid))
+        drive(seconds)
         spy.wait(60)
-        results.append(out)
     self_time: collections.Counter[str] = collections.Counter()
     total_time: collections.Counter[str] = collections.Counter()
     samples = 0
-    raw = work / "register.txt"
     if raw.exists():
         for line in raw.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
@@ -653,24 +683,26 @@ def profile_register(
             self_time[frames[-1]] += int(count)
             for frame in set(frames):
                 total_time[frame] += int(count)
-    PROFILE.clear()
-    PROFILE.extend(
-        {"function": f, "self_percent": round(100 * c / samples, 1)}
-        for f, c in self_time.most_common(10)
+    if not samples:
+        return " Profile: py-spy took no samples."
+    PROFILES[key] = Profile(
+        title,
+        samples,
+        [
+            {"function": f, "self_percent": round(100 * c / samples, 1)}
+            for f, c in self_time.most_common(10)
+        ],
+        [
+            {"function": f, "total_percent": round(100 * c / samples, 1)}
+            for f, c in total_time.most_common(40)
+            if not any(skip in f for skip in PROFILE_SKIP)
+        ],
     )
-    PROFILE_TOTAL.clear()
-    PROFILE_TOTAL.extend(
-        {"function": f, "total_percent": round(100 * c / samples, 1)}
-        for f, c in total_time.most_common(40)
-        if not any(skip in f for skip in PROFILE_SKIP)
+    top = ", ".join(f"`{p['function']}` {p['self_percent']} %" for p in PROFILES[key].self_time[:5])
+    return (
+        f" Profile ({load}; bench/results/{key}.svg, {samples} samples of the Python thread):"
+        f" top functions by own time {top}; the tables below the notes have more."
     )
-    return f" Profile: bench/results/register.svg ({samples} samples at {rate:.0f}/s offered)."
-
-
-PROFILE: list[dict[str, Any]] = []
-# Frames every sample passes through: the program's entry, runpy, trio's run loop.
-PROFILE_SKIP = ("<module>", "<frozen runpy>", "cli.py)", "run (trio", "unrolled_run", "run_main")
-PROFILE_TOTAL: list[dict[str, Any]] = []
 
 
 # --- 6: calls/s inside one office ------------------------------------------------------------
@@ -736,7 +768,7 @@ def sipp_callee(
         stop_process(process, grace=2.0)
 
 
-def bench_calls(mode: Mode, work: Path) -> Figure:
+def bench_calls(mode: Mode, work: Path, profile: bool = False) -> Figure:
     figure = Figure(
         "calls_office",
         "Calls/s inside one office through a remote host (0 s calls, < 1 % failures)",
@@ -765,6 +797,19 @@ def bench_calls(mode: Mode, work: Path) -> Figure:
                 )  # fmt: skip
                 best_runs.append(best)
                 figure.runs.append({"side": "ours", **dataclasses.asdict(best)})
+            if profile:
+                rate = 0.9 * median([b.achieved for b in best_runs])
+                figure.note += profile_process(
+                    "calls_office",
+                    "the remote host under calls inside the office",
+                    pid,
+                    work,
+                    lambda seconds: sipp_call_step(
+                        work, target, ("2001", phones["2001"]), "2002", rate, seconds,
+                        lambda: cpu_seconds(pid),
+                    ),
+                    f"{rate:.0f} calls/s offered",
+                )  # fmt: skip
     figure.ours = median([b.achieved for b in best_runs])
     figure.ours_cpu = median([1000 * b.cpu / b.ok for b in best_runs if b.ok] or [0.0])
     figure.target_met = figure.ours >= 1000
@@ -1268,11 +1313,18 @@ def fmt(value: float | None, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+SEVERAL_PROCESSES = {"calls_between"}
+
+
 def explain_limits(figures: list[Figure]) -> None:
     """For a target not reached: what the CPU time per unit says about where the limit is."""
     per_unit_seconds = {"ms": 1e-3, "us": 1e-6}
     for f in figures:
         if f.target_met is not False or f.ours is None or not f.ours_cpu or not f.higher_is_better:
+            continue
+        if f.key in SEVERAL_PROCESSES:
+            # CPU per unit is summed over the processes: its note says which one limits.
+            f.note += " Target not reached."
             continue
         scale = per_unit_seconds.get(f.cpu_unit.split()[0], 1.0)
         ceiling = 1 / (f.ours_cpu * scale)
@@ -1292,9 +1344,6 @@ def explain_limits(figures: list[Figure]) -> None:
                 " report.json: failures at rates it managed before point at state an earlier"
                 " overload left behind)."
             )
-        if f.key == "register" and PROFILE:
-            top = ", ".join(f"`{p['function']}` {p['self_percent']} %" for p in PROFILE[:5])
-            f.note += f" Top functions by own time (py-spy): {top}."
 
 
 def write_report(figures: list[Figure], out: Path, args: argparse.Namespace, wall: float) -> None:
@@ -1328,12 +1377,12 @@ def write_report(figures: list[Figure], out: Path, args: argparse.Namespace, wal
     for f in figures:
         if f.note:
             lines.append(f"- **{f.key}**: {f.note.strip()}")
-    if PROFILE:
-        lines += ["", "## Profile of the remote host under REGISTER load (py-spy)", ""]
-        lines += ["| function (self time) | % of samples |", "|---|---|"]
-        lines += [f"| `{p['function']}` | {p['self_percent']} |" for p in PROFILE]
+    for profile in PROFILES.values():
+        lines += ["", f"## Profile of {profile.title} (py-spy --gil)", ""]
+        lines += ["| function (own time) | % of samples |", "|---|---|"]
+        lines += [f"| `{p['function']}` | {p['self_percent']} |" for p in profile.self_time]
         lines += ["", "| function (inclusive time) | % of samples |", "|---|---|"]
-        lines += [f"| `{p['function']}` | {p['total_percent']} |" for p in PROFILE_TOTAL[:15]]
+        lines += [f"| `{p['function']}` | {p['total_percent']} |" for p in profile.inclusive[:15]]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     data = {
         "mode": mode,
@@ -1341,7 +1390,7 @@ def write_report(figures: list[Figure], out: Path, args: argparse.Namespace, wal
         "cpus": os.cpu_count(),
         "seconds": round(wall, 1),
         "figures": [{**dataclasses.asdict(f), "ratio": f.ratio} for f in figures],
-        "profile": {"self": PROFILE, "inclusive": PROFILE_TOTAL},
+        "profiles": {key: dataclasses.asdict(p) for key, p in PROFILES.items()},
     }
     (out / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     print("\n".join(lines))
@@ -1351,7 +1400,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repeats, short steps (< 2 min)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the report goes")
-    parser.add_argument("--profile", action="store_true", help="py-spy the REGISTER benchmark")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the remote host under REGISTER and under call load",
+    )
     parser.add_argument(
         "--only",
         action="append",
@@ -1413,7 +1466,7 @@ def main() -> int:
                 )
         if "calls" in only:
             try:
-                figures.append(bench_calls(mode, work / "calls"))
+                figures.append(bench_calls(mode, work / "calls", args.profile))
             except Exception as exc:
                 figures.append(
                     not_measured(
