@@ -108,7 +108,7 @@ def bench_calls_between(mode: Mode) -> Figure:
                     log(f"calls between offices, repeat {n + 1}")
                     steps.clear()
                     start = 0.8 * best_runs[-1].achieved if best_runs and best_runs[-1].ok else 64.0
-                    best = find_max_rate(step, start, 1)
+                    best = find_max_rate(step, start, mode.bisections)
                     best_runs.append(best)
                     used = next(u for r, u in steps if r is best) if best.ok else (0.0, 0.0, 0.0)
                     shares.append(used)
