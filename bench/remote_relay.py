@@ -44,16 +44,15 @@ from run import (
     Figure,
     Mode,
     RelayRun,
-    counter_process,
     ensure_c_relay,
     log,
     median,
     office_key,
-    probe_process,
     relay_capacity,
+    send_and_measure,
 )
 
-from tests.peerhelpers import LOOPBACK, cpu_seconds
+from tests.peerhelpers import LOOPBACK
 
 TARGET = 60_000
 CALLS = FLOWS // 2
@@ -201,60 +200,13 @@ def remote_run(
             packet = seal(KEY, DIRECTION_FROM_RELAY, leg_of(run, call), n, packet)
         order.append((senders[flow], packet, targets[flow]))
         counters[flow] += 1
-    context = multiprocessing.get_context("fork")
-    conn, child = context.Pipe()
-    counter = context.Process(
-        target=counter_process,
-        args=(child, receivers if count else receivers[:1], index_of),
-        daemon=True,
-    )
-    counter.start()
-    probe_conn, probe_child = context.Pipe()
-    prober = context.Process(
-        target=probe_process, args=(probe_child, receivers[0], index_of), daemon=True
-    )
-    prober.start()
-    assert conn.recv() == "ready"
-    assert probe_conn.recv() == "ready"
-    time.sleep(0.2)
-    send_times: dict[int, int] = {}
-    cpu_before = cpu_seconds(anchor.pid)
-    start = time.monotonic()
-    sent = 0
-    clock = time.perf_counter_ns
-    interval = 1.0 / rate if rate is not None else 0.0
-    end = start + seconds
-    for i, (sock, data, address) in enumerate(order):
-        if rate is None:
-            if i & 63 == 0 and time.monotonic() > end:
-                break
-        else:
-            # Sleep, never spin, when ahead (as relay_run: a spinning sender takes a CPU).
-            ahead = start + i * interval - time.monotonic()
-            if ahead > 0.0002:
-                time.sleep(ahead)
-        if i % PROBE_EVERY == 0:
-            send_times[i] = clock()
-        try:
-            sock.sendto(data, address)
-            sent += 1
-        except OSError:
-            pass
-    elapsed = time.monotonic() - start
-    conn.send("stop")
-    probe_conn.send("stop")
-    delivered = conn.recv()
-    probed, arrivals = probe_conn.recv()
-    delivered += probed
-    cpu = cpu_seconds(anchor.pid) - cpu_before
-    counter.join(5)
-    prober.join(5)
-    for sock in phones + relays:
-        sock.close()
-    delays = sorted((arrivals[i] - t) / 1000 for i, t in send_times.items() if i in arrivals)
-    p99 = delays[min(len(delays) - 1, int(0.99 * len(delays)))] if delays else None
-    p50 = delays[len(delays) // 2] if delays else None
-    return RelayRun(rate, sent, delivered, elapsed, cpu, p99, p50)
+    try:
+        return send_and_measure(
+            order, rate, seconds, receivers if count else receivers[:1], index_of, anchor.pid
+        )
+    finally:
+        for sock in phones + relays:
+            sock.close()
 
 
 def remote_capacity(

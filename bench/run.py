@@ -1105,73 +1105,80 @@ def relay_run(
     total = int((rate if rate is not None else 120_000) * seconds)
     # Every PROBE_EVERY-th packet is flow 0's (the probe's): enough samples for a p99 in a
     # short run; the others go round-robin over flows 1.., as unsynchronised phones would.
-    order: list[tuple[socket.socket, bytes]] = []
+    order: list[tuple[socket.socket, bytes, tuple[str, int]]] = []
     counters = [0] * flows
+    address = relay.address
     for i in range(max(flows, total)):
         flow = 0 if i % PROBE_EVERY == 0 else 1 + (i - i // PROBE_EVERY - 1) % (flows - 1)
-        order.append((senders[flow], relay.packet(flow, counters[flow], i)))
+        order.append((senders[flow], relay.packet(flow, counters[flow], i), address))
         counters[flow] += 1
+    try:
+        return send_and_measure(
+            order, rate, seconds, receivers if count else receivers[:1], relay.index_of, relay.pid
+        )
+    finally:
+        for sock in senders + receivers:
+            sock.close()
+
+
+def send_and_measure(
+    order: list[tuple[socket.socket, bytes, tuple[str, int]]],
+    rate: float | None,
+    seconds: float,
+    receivers: list[socket.socket],
+    index_of: Callable[[int, bytes], int | None],
+    pid: int,
+) -> RelayRun:
+    """Send `order` (socket, packet, destination) paced at `rate`/s or flat out for `seconds`,
+    while a counter process drains `receivers` and a probe process times flow 0's packets
+    (on `receivers[0]`); the delivered count, the CPU `pid` used and the probe's delays."""
     context = multiprocessing.get_context("fork")
     conn, child = context.Pipe()
     counter = context.Process(
-        target=counter_process,
-        args=(child, receivers if count else receivers[:1], relay.index_of),
-        daemon=True,
+        target=counter_process, args=(child, receivers, index_of), daemon=True
     )
     counter.start()
     probe_conn, probe_child = context.Pipe()
     prober = context.Process(
-        target=probe_process, args=(probe_child, receivers[0], relay.index_of), daemon=True
+        target=probe_process, args=(probe_child, receivers[0], index_of), daemon=True
     )
     prober.start()
     assert conn.recv() == "ready"
     assert probe_conn.recv() == "ready"
     time.sleep(0.1)
-    address = relay.address
     send_times: dict[int, int] = {}
-    cpu_before = cpu_seconds(relay.pid)
+    cpu_before = cpu_seconds(pid)
     start = time.monotonic()
     sent = 0
     clock = time.perf_counter_ns
-    if rate is None:
-        end = start + seconds
-        for i, (sock, data) in enumerate(order):
+    interval = 1.0 / rate if rate is not None else 0.0
+    end = start + seconds
+    for i, (sock, data, address) in enumerate(order):
+        if rate is None:
             if i & 63 == 0 and time.monotonic() > end:
                 break
-            if i % PROBE_EVERY == 0:
-                send_times[i] = clock()
-            try:
-                sock.sendto(data, address)
-                sent += 1
-            except (BlockingIOError, OSError):
-                pass
-    else:
-        interval = 1.0 / rate
-        for i, (sock, data) in enumerate(order):
-            due = start + i * interval
+        else:
             # Sleep, never spin, when ahead: a spinning sender would take a CPU from the relay
             # and the probe's receiver, and the delay measured would be the scheduler's.
-            ahead = due - time.monotonic()
+            ahead = start + i * interval - time.monotonic()
             if ahead > 0.0002:
                 time.sleep(ahead)
-            if i % PROBE_EVERY == 0:
-                send_times[i] = clock()
-            try:
-                sock.sendto(data, address)
-                sent += 1
-            except (BlockingIOError, OSError):
-                pass
+        if i % PROBE_EVERY == 0:
+            send_times[i] = clock()
+        try:
+            sock.sendto(data, address)
+            sent += 1
+        except OSError:
+            pass
     elapsed = time.monotonic() - start
     conn.send("stop")
     probe_conn.send("stop")
     delivered = conn.recv()
     probed, arrivals = probe_conn.recv()
     delivered += probed
-    cpu = cpu_seconds(relay.pid) - cpu_before
+    cpu = cpu_seconds(pid) - cpu_before
     counter.join(5)
     prober.join(5)
-    for sock in senders + receivers:
-        sock.close()
     delays = sorted((arrivals[i] - t) / 1000 for i, t in send_times.items() if i in arrivals)
     p99 = delays[min(len(delays) - 1, int(0.99 * len(delays)))] if delays else None
     p50 = delays[len(delays) // 2] if delays else None
