@@ -48,6 +48,7 @@ from run import (
     log,
     median,
     office_key,
+    profile_process,
     relay_capacity,
     send_and_measure,
 )
@@ -238,9 +239,12 @@ def remote_capacity(
     return flat, best
 
 
-def bench_relay_remote(mode: Mode, c_relay_figure: Figure | None = None) -> Figure:
+def bench_relay_remote(
+    mode: Mode, c_relay_figure: Figure | None = None, work: Path | None = None
+) -> Figure:
     """The figure; `c_relay_figure` is figure 2 when it was measured in the same run, whose
-    C relay numbers (same sender, same method) are then taken instead of measured again."""
+    C relay numbers (same sender, same method) are then taken instead of measured again; with
+    `work` (a directory) also a py-spy profile of the anchor at 90 % of its capacity."""
     figure = Figure(
         "relay_remote",
         f"Media packets/s through a remote host's media anchor (phone side <-> WAN side,"
@@ -272,6 +276,17 @@ def bench_relay_remote(mode: Mode, c_relay_figure: Figure | None = None) -> Figu
                              "delivered_pps": run.delivered_pps, "loss": run.loss}
                         )  # fmt: skip
         totals = anchor.statistics()
+        if work is not None:
+            rate = 0.9 * median([b.delivered_pps for _, b in ours])
+            work.mkdir(parents=True, exist_ok=True)
+            figure.note += profile_process(
+                "relay_remote",
+                "the remote host's media anchor at 90 % of its capacity",
+                anchor.pid,
+                work,
+                lambda seconds: remote_run(anchor, CALLS, min(seconds, 3.0), rate),
+                f"{rate:,.0f} packets/s offered",
+            )
     finally:
         anchor.close()
         c_relay.close()
@@ -290,7 +305,7 @@ def bench_relay_remote(mode: Mode, c_relay_figure: Figure | None = None) -> Figu
         figure.anchor_cpu = c_relay_figure.anchor_cpu
     figure.target_met = figure.ours >= TARGET
     failures = sum(int(str(s["send_failures"])) for s in totals)
-    figure.note = (
+    figure.note = figure.note + (
         "MediaAnchor alone in its own process (trio, as in the remote host, without the SIP"
         f" side), {CALLS} calls, each with a phone socket and a relay socket of the bench's:"
         " half the packets phone -> WAN (RTP in, sealed out), half WAN -> phone (sealed in,"

@@ -45,6 +45,7 @@ import collections
 import contextlib
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -847,7 +848,11 @@ def bench_calls(mode: Mode, work: Path, profile: bool = False) -> Figure:
 # --- 2 and 3: the relay --------------------------------------------------------------------
 
 
+@functools.cache
 def office_key(name: str) -> bytes:
+    """The office's media key, the same object every time, as the main host's key_for gives
+    it (a dict look-up of the live session's key): the relay compares keys by identity first,
+    and a fresh sha256 per packet was a tenth of the relay's profile."""
     return hashlib.sha256(name.encode()).digest()
 
 
@@ -1213,7 +1218,9 @@ def relay_capacity(
     return flat, best
 
 
-def bench_relay(mode: Mode) -> list[Figure]:
+def bench_relay(mode: Mode, work: Path | None = None) -> list[Figure]:
+    """Figures 2 and 3; with `work` (a directory) also a py-spy profile of our relay at 90 % of
+    the rate it kept up with."""
     packets = Figure(
         "relay",
         f"Media packets/s relayed by the main host ({PACKET_SIZE}-byte packets, {FLOWS} flows,"
@@ -1233,6 +1240,7 @@ def bench_relay(mode: Mode) -> list[Figure]:
     )
     c_binary = ensure_c_relay()
     results: dict[str, list[tuple[RelayRun | None, RelayRun, RelayRun]]] = {"ours": [], "c": []}
+    profiled = ""
     relays: dict[str, Relay] = {"ours": OurRelay(), "c": CRelay(c_binary)}
     try:
         for n in range(mode.repeats):
@@ -1261,6 +1269,18 @@ def bench_relay(mode: Mode) -> list[Figure]:
                             "loss": run.loss,
                         }
                     )
+        if work is not None:
+            ours = relays["ours"]
+            rate = 0.9 * median([b.delivered_pps for _, b, _ in results["ours"]])
+            work.mkdir(parents=True, exist_ok=True)
+            profiled = profile_process(
+                "relay",
+                "the main host's relay at 90 % of its capacity",
+                ours.pid,
+                work,
+                lambda seconds: relay_run(ours, FLOWS, min(seconds, 3.0), rate),
+                f"{rate:,.0f} packets/s offered",
+            )
     finally:
         for relay in relays.values():
             relay.close()
@@ -1282,6 +1302,7 @@ def bench_relay(mode: Mode) -> list[Figure]:
             " its figure is the sender's limit, not the relay's, so 'half the C relay' is"
             " measured against a lower bound."
         )
+    packets.note += profiled
     p99s = [h.p99_us for _, _, h in results["ours"] if h.p99_us is not None]
     c_p99s = [h.p99_us for _, _, h in results["c"] if h.p99_us is not None]
     delay.ours = median(p99s) if p99s else None
@@ -1411,7 +1432,7 @@ def main() -> int:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="py-spy the remote host under REGISTER and under call load",
+        help="py-spy the remote host (REGISTER, calls), the relay and the media anchor",
     )
     parser.add_argument(
         "--only",
@@ -1440,7 +1461,7 @@ def main() -> int:
         relay_figure: Figure | None = None
         if "relay" in only:
             try:
-                figures += bench_relay(mode)
+                figures += bench_relay(mode, work / "relay" if args.profile else None)
                 relay_figure = next(f for f in figures if f.key == "relay")
             except Exception as exc:
                 figures.append(
@@ -1452,7 +1473,11 @@ def main() -> int:
             try:
                 from remote_relay import bench_relay_remote
 
-                figures.append(bench_relay_remote(mode, relay_figure))
+                figures.append(
+                    bench_relay_remote(
+                        mode, relay_figure, work / "relay_remote" if args.profile else None
+                    )
+                )
             except Exception as exc:
                 figures.append(
                     not_measured(
