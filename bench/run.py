@@ -328,8 +328,12 @@ def sipp_register_step(
     rate: float,
     seconds: float,
     cpu: Callable[[], float],
+    local_port: int | None = None,
 ) -> StepResult:
-    """SIPp registers at `rate`/s for `seconds` against 127.0.0.1:`port`."""
+    """SIPp registers at `rate`/s for `seconds` against 127.0.0.1:`port`, from `local_port`
+    (a free one if None). Give every step of a figure the same `local_port`: the Contact is
+    `ext@127.0.0.1:PORT`, and a new port each step would add a binding per step, until the
+    registrar's limit of contacts per extension (10) refuses every registration with 403."""
     settle(cpu, f"register {port}")
     calls = max(1, int(rate * seconds))
     scenario = workdir / "register_no_retrans.xml"
@@ -343,7 +347,7 @@ def sipp_register_step(
     stats_file = workdir / f"stats-{time.monotonic_ns()}.csv"
     argv = [peer_binary("sipp"), f"{LOOPBACK}:{port}", "-sf", str(scenario)]
     argv += ["-inf", str(injection), "-t", "u1", "-i", LOOPBACK, "-bind_local"]
-    argv += ["-p", str(free_sip_port()), "-r", str(int(rate)), "-rp", "1s"]
+    argv += ["-p", str(local_port or free_sip_port()), "-r", str(int(rate)), "-rp", "1s"]
     argv += ["-m", str(calls), "-l", str(max(200, int(rate))), "-nostdin"]
     argv += ["-buff_size", "4194304", "-recv_timeout", "1000"]
     argv += ["-timeout", f"{seconds + 20:g}s", "-default_behaviors", "all,-bye"]
@@ -531,8 +535,11 @@ def bench_register(mode: Mode, work: Path, profile: bool) -> list[Figure]:
         rows = [[ext, sipp_auth(ext, pw), "300"] for ext, pw in phones.items()]
         injection = write_injection(work / "phones.csv", rows)
         pid = office.remote.pid
+        sipp_port = free_sip_port()  # every step from the same port (sipp_register_step)
         # Figure 5 first: every phone registered once at a gentle rate, then the RSS.
-        gentle = sipp_register_step(work, office.sip_port, injection, 250.0, 2.0, lambda: 0.0)
+        gentle = sipp_register_step(
+            work, office.sip_port, injection, 250.0, 2.0, lambda: 0.0, sipp_port
+        )
         wait_for(lambda: len(office.registrations()) >= PHONES or None, "500 bindings", 30.0)
         memory.ours = rss_mb(pid)
         memory.runs.append(
@@ -548,6 +555,7 @@ def bench_register(mode: Mode, work: Path, profile: bool) -> list[Figure]:
                     rate,
                     mode.step_seconds,
                     lambda: cpu_seconds(pid),
+                    sipp_port,
                 ),
                 0.8 * ours_best[-1].achieved if ours_best and ours_best[-1].ok else 500.0,
                 bisections,
@@ -558,6 +566,11 @@ def bench_register(mode: Mode, work: Path, profile: bool) -> list[Figure]:
             )
         registrar = office.sip_stats()["service"]["registrar"]
         register.runs.append({"side": "ours", "registrar": registrar})
+        if registrar.get("refused"):
+            register.note += (
+                f" The remote host refused {registrar['refused']} authenticated registrations"
+                " (see remotehost.registrar: CSeq order, Min-Expires, contacts per extension)."
+            )
         if registrar.get("auth_failures") or registrar.get("blocked_sources"):
             register.note += (
                 f" The remote host counted {registrar['auth_failures']} failed authentications"
@@ -569,7 +582,9 @@ def bench_register(mode: Mode, work: Path, profile: bool) -> list[Figure]:
             f" After the overload steps of figure 1 the remote host's RSS is {after:.0f} MB."
         )
         if profile:
-            register.note += profile_register(work, office.sip_port, injection, pid, ours_best)
+            register.note += profile_register(
+                work, office.sip_port, injection, pid, ours_best, sipp_port
+            )
     recovery = max(
         (v for k, v in SETTLE_TIMES.items() if k == f"register {office.sip_port}"), default=0.0
     )
@@ -589,12 +604,13 @@ def bench_register(mode: Mode, work: Path, profile: bool) -> list[Figure]:
             rows = [[ext, sipp_auth(ext, KAMAILIO_PASSWORD), "300"] for ext in phones]
             injection = write_injection(work / "kamailio-phones.csv", rows)
             anchor_best: list[StepResult] = []
+            sipp_port = free_sip_port()
             for n in range(mode.repeats):
                 log(f"REGISTER, Kamailio, repeat {n + 1}")
                 best = find_max_rate(
                     lambda rate: sipp_register_step(
                         work, port, injection, rate, mode.step_seconds,
-                        lambda: tree_cpu(process.pid),
+                        lambda: tree_cpu(process.pid), sipp_port,
                     ),
                     (0.8 * anchor_best[-1].achieved if anchor_best and anchor_best[-1].ok else 8e3),
                     bisections,
@@ -622,7 +638,7 @@ def bench_register(mode: Mode, work: Path, profile: bool) -> list[Figure]:
 
 
 def profile_register(
-    work: Path, port: int, injection: Path, pid: int, best: list[StepResult]
+    work: Path, port: int, injection: Path, pid: int, best: list[StepResult], sipp_port: int
 ) -> str:
     """py-spy on the remote host while SIPp registers at about its best rate."""
     rate = 1.2 * max((b.target for b in best), default=250.0)
@@ -632,7 +648,7 @@ def profile_register(
         pid,
         work,
         lambda seconds: sipp_register_step(
-            work, port, injection, rate, seconds, lambda: cpu_seconds(pid)
+            work, port, injection, rate, seconds, lambda: cpu_seconds(pid), sipp_port
         ),
         f"{rate:.0f} registrations/s offered",
     )

@@ -200,10 +200,10 @@ class Registrar:
         if request.contact_is_star:
             # RFC 3261 §10.3 step 6: '*' only alone and only with Expires: 0.
             if header_expires != 0 or len(request.headers.values("Contact")) != 1:
-                return self._reply(request, 400, "Bad Request (Contact '*' needs Expires: 0)")
+                return self._refuse(request, 400, "Bad Request (Contact '*' needs Expires: 0)")
             for binding in current.values():
                 if binding.call_id == call_id and cseq <= binding.cseq:
-                    return self._reply(request, 500, "Server Internal Error (CSeq out of order)")
+                    return self._refuse(request, 500, "Server Internal Error (CSeq out of order)")
             self.location.replace(ext, {})
             log.info("%s: all contacts removed", ext)
             self.stats.accepted += 1
@@ -222,12 +222,12 @@ class Registrar:
             existing = updated.get(key)
             # Step 7: an older request of the same Call-ID must not undo a newer one.
             if existing is not None and existing.call_id == call_id and cseq <= existing.cseq:
-                return self._reply(request, 500, "Server Internal Error (CSeq out of order)")
+                return self._refuse(request, 500, "Server Internal Error (CSeq out of order)")
             if expires == 0:
                 updated.pop(key, None)
                 continue
             if expires < policy.min_expires:
-                return self._reply(
+                return self._refuse(
                     request,
                     423,
                     "Interval Too Brief",
@@ -246,7 +246,7 @@ class Registrar:
                 q=_q(contact.params.get("q")),
             )
         if len(updated) > self.location.max_contacts:
-            return self._reply(
+            return self._refuse(
                 request,
                 403,
                 f"Forbidden (at most {self.location.max_contacts} contacts per extension)",
@@ -264,6 +264,17 @@ class Registrar:
             self.location.replace(ext, updated)
         self.stats.accepted += 1
         return self._ok(request, ext, now)
+
+    def _refuse(
+        self,
+        request: SipRequest,
+        status: int,
+        reason: str,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> SipResponse:
+        """An authenticated REGISTER the bindings cannot take; counted in `refused`."""
+        self.stats.refused += 1
+        return self._reply(request, status, reason, headers)
 
     def _ok(self, request: SipRequest, ext: str, now: float) -> SipResponse:
         headers = [

@@ -232,6 +232,7 @@ def test_expires_below_min_expires_is_423(registrar, how):
     assert (response.status, response.reason) == (423, "Interval Too Brief")
     assert response.headers.get("Min-Expires") == "60"
     assert len(registrar.location) == 0
+    assert registrar.stats.refused == 1
 
 
 def test_expires_at_min_expires_is_accepted(registrar):
@@ -380,6 +381,7 @@ def test_max_contacts_per_extension():
     response = register(registrar, phone, contacts=three[2:])
     assert response.status == 403 and "at most 2" in response.reason
     assert registrar.location.get("201") == before
+    assert registrar.stats.refused == 2  # counted, so that `status` shows it
     # At the limit, refreshing and replacing one (remove + add in one request) still work.
     assert register(registrar, phone, contacts=three[:1]).status == 200
     response = register(registrar, phone, contacts=["<sip:a@192.0.2.10>;expires=0", three[2]])
