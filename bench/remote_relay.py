@@ -45,6 +45,7 @@ from run import (
     Mode,
     RelayRun,
     ensure_c_relay,
+    find_capacity,
     log,
     median,
     office_key,
@@ -213,30 +214,10 @@ def remote_run(
 def remote_capacity(
     anchor: Anchor, mode: Mode, previous: RelayRun | None
 ) -> tuple[RelayRun | None, RelayRun]:
-    """`relay_capacity` of bench/run.py with `remote_run`: flat out (first repeat), then paced
-    from 90 % of what got through (later repeats: 110 % of the previous good rate), down by
-    25 % steps until loss < 0.1 %."""
-    flat = None
-    if previous is not None and previous.rate:
-        rate = 1.1 * previous.rate
-    else:
-        flat = remote_run(anchor, CALLS, mode.relay_seconds, None)
-        rate = 0.9 * flat.delivered_pps
-        log(
-            f"  {anchor.name} flat out: offered {flat.offered_pps:.0f}/s,"
-            f" delivered {flat.delivered_pps:.0f}/s"
-        )
-    best = None
-    for _ in range(4):
-        run = remote_run(anchor, CALLS, mode.relay_seconds, rate)
-        log(f"  {anchor.name} paced {rate:.0f}/s: loss {100 * run.loss:.3f} %")
-        if run.loss < 0.001 and run.offered_pps >= 0.95 * rate:
-            best = run
-            break
-        rate *= 0.75
-    if best is None:
-        best = RelayRun(rate, 0, 0, 1.0, 0.0, None, None)
-    return flat, best
+    """`find_capacity` of bench/run.py with `remote_run`."""
+    return find_capacity(
+        anchor.name, lambda rate: remote_run(anchor, CALLS, mode.relay_seconds, rate), previous
+    )
 
 
 def bench_relay_remote(

@@ -1209,22 +1209,32 @@ def send_and_measure(
 def relay_capacity(
     relay: Relay, mode: Mode, previous: RelayRun | None
 ) -> tuple[RelayRun | None, RelayRun]:
+    """`find_capacity` of `relay` with `relay_run`."""
+    return find_capacity(
+        relay.name, lambda rate: relay_run(relay, FLOWS, mode.relay_seconds, rate), previous
+    )
+
+
+def find_capacity(
+    name: str, run_at: Callable[[float | None], RelayRun], previous: RelayRun | None
+) -> tuple[RelayRun | None, RelayRun]:
     """Flat out (first repeat only), then paced from 90 % of what got through (later repeats:
-    110 % of the previous repeat's highest good rate) down by 25 % steps until loss < 0.1 %."""
+    110 % of the previous repeat's highest good rate) down by 25 % steps until loss < 0.1 %.
+    `run_at(rate)` is one run at `rate`/s (None: flat out)."""
     flat = None
     if previous is not None and previous.rate:
         rate = 1.1 * previous.rate
     else:
-        flat = relay_run(relay, FLOWS, mode.relay_seconds, None)
+        flat = run_at(None)
         rate = 0.9 * flat.delivered_pps
         log(
-            f"  {relay.name} flat out: offered {flat.offered_pps:.0f}/s,"
+            f"  {name} flat out: offered {flat.offered_pps:.0f}/s,"
             f" delivered {flat.delivered_pps:.0f}/s"
         )
     best = None
     for _ in range(4):
-        run = relay_run(relay, FLOWS, mode.relay_seconds, rate)
-        log(f"  {relay.name} paced {rate:.0f}/s: loss {100 * run.loss:.3f} %")
+        run = run_at(rate)
+        log(f"  {name} paced {rate:.0f}/s: loss {100 * run.loss:.3f} %")
         if run.loss < 0.001 and run.offered_pps >= 0.95 * rate:
             best = run
             break
@@ -1465,98 +1475,56 @@ def main() -> int:
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
-        if "register" in only:
+
+        def profiled(name: str) -> Path | None:
+            return work / name if args.profile else None
+
+        def measured(key: str) -> Figure | None:
+            return next((f for f in figures if f.key == key), None)
+
+        def relay_remote() -> list[Figure]:
+            from remote_relay import bench_relay_remote
+
+            return [bench_relay_remote(mode, measured("relay"), profiled("relay_remote"))]
+
+        def trunk() -> list[Figure]:
+            from trunk_figure import bench_trunk
+
+            return [bench_trunk(mode)]
+
+        def calls_between() -> list[Figure]:
+            from calls_between import bench_calls_between
+
+            return [bench_calls_between(mode)]
+
+        def memory() -> list[Figure]:
+            from memory_calls import bench_memory
+
+            return [bench_memory(mode)]
+
+        # (group, what a failure is reported as: key, name, unit, target; the measurement)
+        plan: list[tuple[str, tuple[str, str, str, str], Callable[[], list[Figure]]]] = [
+            ("register", ("register", "REGISTER/s", "registrations/s", ">= 5,000/s"),
+             lambda: bench_register(mode, work / "register", args.profile)),
+            ("relay", ("relay", "Relayed packets/s", "packets/s", ">= 100,000/s"),
+             lambda: bench_relay(mode, profiled("relay"))),
+            ("relay", ("relay_remote", "Packets/s through a remote host", "packets/s",
+                       ">= 60,000/s"), relay_remote),
+            ("trunk", ("trunk", "Trunk messages/s", "messages/s", ">= 100,000/s"), trunk),
+            ("calls", ("calls_office", "Calls/s inside one office", "calls/s", ">= 1,000/s"),
+             lambda: [bench_calls(mode, work / "calls", args.profile)]),
+            ("calls", ("calls_between", "Calls/s between offices", "calls/s", ">= 500/s"),
+             calls_between),
+            ("memory", ("memory", "Remote host memory, 500 phones and 100 calls", "MB RSS",
+                        "<= 80 MB"), memory),
+        ]  # fmt: skip
+        for group, (key, name, unit, target), measure in plan:
+            if group not in only:
+                continue
             try:
-                figures += bench_register(mode, work / "register", args.profile)
+                figures += measure()
             except Exception as exc:  # a figure that fails is reported, the rest still runs
-                figures.append(
-                    not_measured(
-                        "register", "REGISTER/s", "registrations/s", ">= 5,000/s", repr(exc)
-                    )
-                )
-        relay_figure: Figure | None = None
-        if "relay" in only:
-            try:
-                figures += bench_relay(mode, work / "relay" if args.profile else None)
-                relay_figure = next(f for f in figures if f.key == "relay")
-            except Exception as exc:
-                figures.append(
-                    not_measured(
-                        "relay", "Relayed packets/s", "packets/s", ">= 100,000/s", repr(exc)
-                    )
-                )
-        if "relay" in only:
-            try:
-                from remote_relay import bench_relay_remote
-
-                figures.append(
-                    bench_relay_remote(
-                        mode, relay_figure, work / "relay_remote" if args.profile else None
-                    )
-                )
-            except Exception as exc:
-                figures.append(
-                    not_measured(
-                        "relay_remote",
-                        "Packets/s through a remote host",
-                        "packets/s",
-                        ">= 60,000/s",
-                        repr(exc),
-                    )
-                )
-        if "trunk" in only:
-            try:
-                from trunk_figure import bench_trunk
-
-                figures.append(bench_trunk(mode))
-            except Exception as exc:
-                figures.append(
-                    not_measured(
-                        "trunk", "Trunk messages/s", "messages/s", ">= 100,000/s", repr(exc)
-                    )
-                )
-        if "calls" in only:
-            try:
-                figures.append(bench_calls(mode, work / "calls", args.profile))
-            except Exception as exc:
-                figures.append(
-                    not_measured(
-                        "calls_office",
-                        "Calls/s inside one office",
-                        "calls/s",
-                        ">= 1,000/s",
-                        repr(exc),
-                    )
-                )
-            try:
-                from calls_between import bench_calls_between
-
-                figures.append(bench_calls_between(mode))
-            except Exception as exc:
-                figures.append(
-                    not_measured(
-                        "calls_between",
-                        "Calls/s between offices",
-                        "calls/s",
-                        ">= 500/s",
-                        repr(exc),
-                    )
-                )
-        if "memory" in only:
-            try:
-                from memory_calls import bench_memory
-
-                figures.append(bench_memory(mode))
-            except Exception as exc:
-                figures.append(
-                    not_measured(
-                        "memory",
-                        "Remote host memory, 500 phones and 100 calls",
-                        "MB RSS",
-                        "<= 80 MB",
-                        repr(exc),
-                    )
-                )
+                figures.append(not_measured(key, name, unit, target, repr(exc)))
     explain_limits(figures)
     write_report(figures, args.out, args, time.monotonic() - wall)
     return 0
